@@ -1,0 +1,279 @@
+"""Everything a metric receives besides the SAE: the subject model, the site, and cached activations.
+
+Data flows one way: model + corpus -> evaluation windows -> residuals at the site (cached on disk) ->
+metrics.  The part of the model below the site, and everything downstream that does not depend on the
+SAE (clean final hidden state, clean and zero-ablated cross-entropy), is computed once per key and reused
+by every checkpoint and every metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saebench.data.cache import Store, cache_root
+from saebench.model.subject import SubjectModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class EvalConfig:
+    """Where and on what the SAEs are evaluated."""
+
+    #: subject model: offline alias (smollm2-135m, gemma3-270m), local folder or Hugging Face id
+    model: str = "smollm2-135m"
+    #: site = residual stream after this decoder block; None: the checkpoint's, else about 3/4 depth
+    layer: int | None = None
+    #: text for the evaluation windows: sae-probes-mix, a local txt/jsonl/parquet path or a hub data set id
+    corpus: str = "sae-probes-mix"
+    #: evaluation tokens (positions 1.. of each window; position 0 is excluded everywhere)
+    n_tokens: int = 16384
+    #: window length including the BOS at position 0
+    ctx: int = 64
+    #: windows per forward pass of the subject model
+    batch_size: int = 32
+    #: torch device for the model and the SAE
+    device: str = "cpu"
+    #: dtype of the subject model and the SAE
+    dtype: str = "float32"
+    #: seed for data order, bootstrap and metric sampling
+    seed: int = 0
+    #: cache folder (default $SAEBENCH_CACHE or ~/.cache/saebench)
+    cache_dir: str | None = None
+
+    @property
+    def n_windows(self) -> int:
+        return math.ceil(self.n_tokens / (self.ctx - 1))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy (nats) of logits (..., V) against targets (...), via log_softmax."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class EvalContext:
+    """The evaluation set for one (model, layer, corpus, sizes) and lazy access to what metrics need."""
+
+    config: EvalConfig
+    #: a model already in memory (tests, notebooks); loaded from config.model on first use otherwise
+    preloaded_model: SubjectModel | None = None
+    #: identity of the model for cache keys (set from the loader, or by whoever passes a model)
+    model_identity: str | None = None
+    _layer: int | None = field(default=None, init=False)
+
+    @cached_property
+    def model(self) -> SubjectModel:
+        if self.preloaded_model is not None:
+            return self.preloaded_model
+        from saebench.model import load_model
+
+        return load_model(self.config.model, device=self.config.device, dtype=self.config.torch_dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+    @property
+    def layer(self) -> int:
+        if self.config.layer is not None:
+            return self.config.layer
+        from saebench.model import default_layer
+
+        return default_layer(self.model.n_layers)
+
+    @cached_property
+    def model_key(self) -> str:
+        return self.model_identity or self.model.model_id
+
+    @cached_property
+    def site_key(self) -> dict:
+        """What activations at the site depend on; part of every cache key."""
+        from saebench.data.corpus import corpus_fingerprint
+
+        c = self.config
+        return {
+            "model": self.model_key,
+            "layer": self.layer,
+            "corpus": corpus_fingerprint(c.corpus),
+            "ctx": c.ctx,
+            "seed": c.seed,
+            "model_dtype": c.dtype,
+        }
+
+    @property
+    def data_key(self) -> dict:
+        """What an evaluation result depends on besides the checkpoint and the metric's parameters."""
+        return {**self.site_key, "n_tokens": self.config.n_tokens}
+
+    def store(self, kind: str, extra: dict | None = None) -> Store:
+        root = cache_root() if self.config.cache_dir is None else Path(self.config.cache_dir)
+        return Store(kind, {**self.site_key, **(extra or {})}, root=root)
+
+    # --- windows and residuals at the site ------------------------------------------------------------
+    @cached_property
+    def documents(self) -> list[str]:
+        from saebench.data.corpus import corpus_documents
+
+        return corpus_documents(self.config.corpus)
+
+    def site_windows(self, split: str, n_windows: int, start: int = 0) -> np.ndarray:
+        """Token windows (n_windows, ctx) int64 of a corpus split, BOS at position 0, cached."""
+        store = self.store(f"windows-{split}", {"n_windows": n_windows, "start": start})
+        if not store.has("tokens"):
+            from saebench.data.corpus import make_windows
+
+            m = self.model
+            tokens = make_windows(
+                self.documents, m.tokenizer, bos_id=m.bos_id, eos_id=m.eos_id, ctx=self.config.ctx,
+                n_windows=n_windows, split=split, seed=self.config.seed, start=start,
+            )
+            store.save("tokens", tokens.numpy().astype(np.int64))
+        return store.load("tokens", mmap=False)
+
+    def site_resid(self, split: str, n_windows: int, start: int = 0) -> np.ndarray:
+        """Residuals at the site (n_windows, ctx, d) float32 for `site_windows(...)`, memory-mapped.
+
+        Collected batch by batch into the cache; an interrupted collection resumes where it stopped.
+        """
+        windows = self.site_windows(split, n_windows, start)
+        store = self.store(f"resid-{split}", {"n_windows": n_windows, "start": start})
+
+        def produce(lo: int, hi: int) -> dict[str, np.ndarray]:
+            ids = torch.from_numpy(windows[lo:hi]).to(self.device)
+            with torch.inference_mode():
+                h = self.model.to_site(ids, self.layer)
+            return {"resid": h.float().cpu().numpy()}
+
+        return store.collect(("resid",), len(windows), self.config.batch_size, produce,
+                             desc=f"residuals at the site ({split})")["resid"]
+
+    @cached_property
+    def windows(self) -> np.ndarray:
+        """Evaluation windows (n_windows, ctx), from the held-out split of the corpus."""
+        return self.site_windows("eval", self.config.n_windows)
+
+    @cached_property
+    def resid(self) -> np.ndarray:
+        """Residuals at the site for the evaluation windows (n_windows, ctx, d)."""
+        return self.site_resid("eval", self.config.n_windows)
+
+    def train_sample(self, n_tokens: int) -> torch.Tensor:
+        """Residuals at positions 1.. of training-split windows, (about n_tokens, d) float32."""
+        n_windows = -(-n_tokens // (self.config.ctx - 1))
+        resid = self.site_resid("train", n_windows)
+        return torch.from_numpy(np.array(resid[:, 1:])).reshape(-1, resid.shape[-1])[:n_tokens]
+
+    @cached_property
+    def clean(self) -> dict[str, np.ndarray]:
+        """SAE-independent downstream data, computed once per evaluation set.
+
+        final:   clean final hidden state (after the last norm), (n_windows, ctx, d) — the clean logits are
+                 its image under the head, so the full clean distribution never has to be stored.
+        ce_clean, ce_zero: per-position CE (n_windows, ctx - 2) for positions 1..ctx-2 (targets 2..ctx-1),
+                 clean and with the site's residual zeroed at positions 1.. .
+        """
+        windows, resid = self.windows, self.resid
+        store = self.store("eval-downstream", {"n_windows": len(windows)})
+
+        def produce(start: int, stop: int) -> dict[str, np.ndarray]:
+            ids = torch.from_numpy(windows[start:stop]).to(self.device)
+            h = torch.from_numpy(np.array(resid[start:stop])).to(self.device, self.model.dtype)
+            targets = ids[:, 2:]
+            with torch.inference_mode():
+                final = self.model.from_site(h, self.layer)
+                ce_clean = token_ce(self.model.logits(final[:, 1:-1]), targets)
+                zeroed = h.clone()
+                zeroed[:, 1:] = 0
+                ce_zero = token_ce(self.model.logits(self.model.from_site(zeroed, self.layer)[:, 1:-1]), targets)
+            return {
+                "final": final.float().cpu().numpy(),
+                "ce_clean": ce_clean.double().cpu().numpy(),
+                "ce_zero": ce_zero.double().cpu().numpy(),
+            }
+
+        return store.collect(("final", "ce_clean", "ce_zero"), len(windows), self.downstream_batch, produce,
+                             desc="clean and zero-ablated pass")
+
+    @property
+    def downstream_batch(self) -> int:
+        """Windows per upper-half pass: keeps (batch x ctx x vocab) logits near 100 MB."""
+        per_window = self.config.ctx * self.model.vocab_size * 4
+        return max(1, min(self.config.batch_size, (100 << 20) // per_window))
+
+    def window_batches(self, batch: int | None = None):
+        """(start, stop) ranges over the evaluation windows."""
+        n, b = len(self.windows), batch or self.config.batch_size
+        for start in range(0, n, b):
+            yield start, min(start + b, n)
+
+    # --- the SAE on the evaluation set -----------------------------------------------------------------
+    def reconstruct_batches(self, sae, batch: int | None = None, chunk_tokens: int = 512):
+        """Yield (start, stop, x (b, ctx-1, d), Reconstruction over the b*(ctx-1) tokens) for windows.
+
+        Positions 1.. only.  Tokens are encoded `chunk_tokens` at a time so the dense pre-activations stay
+        small (chunk x n_latents); latents leave as sparse codes.  The raw reconstructions are kept per SAE
+        (tokens x d, never tokens x latents) so a second metric does not encode again.
+        """
+        from saebench.sae.sae import Reconstruction, SparseCodes
+
+        resid, d = self.resid, self.resid.shape[-1]
+        memo = self._x_hat_memo.setdefault(id(sae), {})
+        for start, stop in self.window_batches(batch):
+            x = torch.from_numpy(np.array(resid[start:stop, 1:])).to(self.device, sae.W_enc.dtype)
+            flat = x.reshape(-1, d)
+            parts = []
+            with torch.inference_mode():
+                for i in range(0, flat.shape[0], chunk_tokens):
+                    parts.append(sae.reconstruct(flat[i: i + chunk_tokens]))
+            width = max(p.codes.indices.shape[1] for p in parts)
+
+            def pad(t, w=width):
+                return torch.nn.functional.pad(t, (0, w - t.shape[1]))
+
+            rec = Reconstruction(
+                torch.cat([p.u for p in parts]),
+                torch.cat([p.u_hat for p in parts]),
+                torch.cat([p.x_hat for p in parts]),
+                SparseCodes(torch.cat([pad(p.codes.indices) for p in parts]),
+                            torch.cat([pad(p.codes.values) for p in parts])),
+            )
+            memo[start] = rec.x_hat.reshape(x.shape).cpu()
+            yield start, stop, x, rec
+
+    def x_hat(self, sae, start: int, stop: int) -> torch.Tensor:
+        """Raw reconstructions of positions 1.. of windows [start, stop), reusing an earlier encode."""
+        memo = self._x_hat_memo.get(id(sae), {})
+        pieces, at = [], start
+        while at < stop:
+            hit = next((s for s in memo if s <= at < s + len(memo[s])), None)
+            if hit is None:
+                break
+            pieces.append(memo[hit][at - hit: stop - hit])
+            at = hit + len(memo[hit])
+        if at >= stop:
+            return torch.cat(pieces).to(self.device)
+        for _ in self.reconstruct_batches(sae):
+            pass
+        return self.x_hat(sae, start, stop)
+
+    def forget(self, sae) -> None:
+        """Drop what was kept for this SAE."""
+        self._x_hat_memo.pop(id(sae), None)
+
+    @cached_property
+    def _x_hat_memo(self) -> dict:
+        return {}

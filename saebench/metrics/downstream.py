@@ -1,0 +1,77 @@
+"""downstream: the LM with the SAE's reconstruction spliced in at the site (METRICS.md).
+
+At every position but 0 the residual after block `layer` is replaced by x_hat; the model runs from the
+site on; next-token prediction is scored on positions 1..ctx-2 (targets 2..ctx-1):
+
+    delta_ce       = CE(spliced) - CE(clean)                                  (nats/token)
+    kl             = mean_t KL(p_clean,t || p_spliced,t)                       (from log_softmax)
+    loss_recovered = (CE(zero) - CE(spliced)) / (CE(zero) - CE(clean))
+
+Everything that does not depend on the SAE (the model below the site, the clean final hidden state, clean
+and zero-ablated CE) comes from the evaluation context's cache; per SAE only the blocks above the site run
+once, plus the LM head on the cached clean state for the KL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saebench.context import token_ce
+from saebench.metrics.registry import Metric, MetricResult, register
+from saebench.metrics.stats import ratio_estimate
+
+
+@dataclass
+class DownstreamParams:
+    """No parameters beyond the evaluation set's (positions scored: 1..ctx-2)."""
+
+
+def compute(ctx, sae, params: DownstreamParams) -> MetricResult:
+    clean, model, layer = ctx.clean, ctx.model, ctx.layer
+    n_windows = len(ctx.windows)
+    ce_spliced, kl = np.zeros(n_windows), np.zeros(n_windows)
+    batches = list(ctx.window_batches(ctx.downstream_batch))
+    for start, stop in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
+        ids = torch.from_numpy(ctx.windows[start:stop]).to(ctx.device)
+        h = torch.from_numpy(np.array(ctx.resid[start:stop])).to(ctx.device, model.dtype)
+        h[:, 1:] = ctx.x_hat(sae, start, stop).to(model.dtype)
+        with torch.inference_mode():
+            logits_spliced = model.logits(model.from_site(h, layer)[:, 1:-1])
+            ce_spliced[start:stop] = token_ce(logits_spliced, ids[:, 2:]).double().sum(1).cpu().numpy()
+            final_clean = torch.from_numpy(np.array(clean["final"][start:stop, 1:-1])).to(ctx.device, model.dtype)
+            logp_clean = torch.log_softmax(model.logits(final_clean).float(), -1)
+            logp_spliced = torch.log_softmax(logits_spliced.float(), -1)
+            kl_tok = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
+            kl[start:stop] = kl_tok.double().sum(1).cpu().numpy()
+
+    ce_clean = clean["ce_clean"].sum(1)
+    ce_zero = clean["ce_zero"].sum(1)
+    positions = np.full(n_windows, clean["ce_clean"].shape[1], dtype=np.float64)
+    seed = ctx.config.seed
+    values = {
+        "delta_ce": ratio_estimate(ce_spliced - ce_clean, positions, "windows", seed),
+        "kl": ratio_estimate(kl, positions, "windows", seed),
+        "loss_recovered": ratio_estimate(ce_zero - ce_spliced, ce_zero - ce_clean, "windows", seed),
+        "ce_spliced": ratio_estimate(ce_spliced, positions, "windows", seed),
+        "ce_clean": ratio_estimate(ce_clean, positions, "windows", seed),
+        "ce_zero": ratio_estimate(ce_zero, positions, "windows", seed),
+    }
+    return MetricResult(values=values, counts={"positions": int(positions.sum()), "windows": n_windows})
+
+
+register(
+    Metric(
+        name="downstream",
+        version=1,
+        description="LM loss with the reconstruction spliced in (delta_ce, kl, loss_recovered)",
+        compute=compute,
+        params=DownstreamParams,
+        headline=("delta_ce", "kl", "loss_recovered"),
+        lower_is_better=frozenset({"delta_ce", "kl", "ce_spliced"}),
+        needs_model=True,
+    )
+)

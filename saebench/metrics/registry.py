@@ -1,0 +1,115 @@
+"""The metric registry: a metric is one module in `saebench/metrics/` that calls `register(Metric(...))`.
+
+The runner looks metrics up by name and hands each one the evaluation context (model, cached activations,
+tasks) and one SAE; the metric only computes and returns a `MetricResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Estimate:
+    """A headline number with its 95% bootstrap interval and the count of units it rests on."""
+
+    value: float
+    lo: float | None = None
+    hi: float | None = None
+    #: how many units (windows, tasks, latents, ...) the value and its interval rest on
+    n: int = 0
+    #: what was resampled for the interval
+    unit: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MetricResult:
+    """What a metric returns: named estimates, counts, and JSON-able details (per task, per latent...)."""
+
+    values: dict[str, Estimate]
+    counts: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def check_finite(self, metric: str, checkpoint: str) -> None:
+        for name, est in self.values.items():
+            for part in (est.value, est.lo, est.hi):
+                if part is not None and not np.isfinite(part):
+                    raise FloatingPointError(
+                        f"metric {metric!r} produced a non-finite {name} ({part}) for checkpoint {checkpoint}; "
+                        "check the checkpoint's weights and the model dtype (try --dtype float32)"
+                    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric."""
+
+    #: name used on the command line and in result files
+    name: str
+    #: bump when the definition changes: old result files are then recomputed
+    version: int
+    #: one line for `saebench run --help` and the leaderboard
+    description: str
+    #: compute(context, sae, params) -> MetricResult
+    compute: Callable[..., MetricResult]
+    #: dataclass type holding the metric's parameters, every field with a default
+    params: type
+    #: value names shown in the summary table and the leaderboard, most important first
+    headline: tuple[str, ...]
+    #: value names for which lower is better (used to sort the leaderboard)
+    lower_is_better: frozenset[str] = frozenset()
+    #: whether the metric runs the subject model above the site (so needs it loaded)
+    needs_model: bool = False
+
+
+_REGISTRY: dict[str, Metric] = {}
+_LOADED = False
+
+
+def register(metric: Metric) -> Metric:
+    if metric.name in _REGISTRY and _REGISTRY[metric.name] is not metric:
+        raise ValueError(f"metric {metric.name!r} is registered twice")
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def _load_metric_modules() -> None:
+    """Import every module of this package once, so each metric file registers itself."""
+    global _LOADED
+    if _LOADED:
+        return
+    import saebench.metrics as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    _LOADED = True
+
+
+def metric_names() -> list[str]:
+    _load_metric_modules()
+    return sorted(_REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+
+
+def get_metric(name: str) -> Metric:
+    _load_metric_modules()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; registered metrics: {', '.join(metric_names())}")
+    return _REGISTRY[name]
+
+
+def params_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+# the order metrics appear in tables; metrics not listed follow alphabetically
+_ORDER = ["core", "downstream", "probes", "n2g", "ablation", "shrinkage"]

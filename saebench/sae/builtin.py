@@ -1,0 +1,84 @@
+"""Reference dictionaries built from the activations themselves (`--checkpoint builtin:NAME[:k=..,n=..]`).
+
+They are baselines, not SAEs anyone trained: a row every metric can be compared against, available on a
+fresh machine without a trained checkpoint.  Both are fitted on training-split tokens (never the evaluation
+windows) and use a TopK code on (x - mu), with mu the mean activation:
+
+    pca-topk     latents = the +/- principal directions of the activations (n = 2 d); TopK keeps the k
+                 largest |projections|, i.e. the best k-term reconstruction in the PCA basis.
+    random-topk  n random unit directions (encoder = decoder transpose); TopK as above.  A floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saebench.sae.sae import SAE, SAEInfo
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """A parsed `builtin:NAME[:k=32,n=4096]`."""
+
+    #: pca-topk | random-topk
+    name: str
+    #: active latents per token
+    k: int = 32
+    #: latents for random-topk (pca-topk always has 2 d)
+    n: int = 16384
+    #: training tokens the baseline is fitted on
+    fit_tokens: int = 16384
+
+    @property
+    def label(self) -> str:
+        size = "" if self.name == "pca-topk" else f"-n{self.n}"
+        return f"builtin-{self.name}{size}-k{self.k}"
+
+
+BUILDERS = ("pca-topk", "random-topk")
+
+
+def is_builtin(checkpoint: str) -> bool:
+    return str(checkpoint).startswith(BUILTIN_PREFIX)
+
+
+def parse_builtin(checkpoint: str) -> BuiltinSpec:
+    body = str(checkpoint)[len(BUILTIN_PREFIX):]
+    name, _, opts = body.partition(":")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown built-in baseline {name!r}; available: {', '.join(BUILTIN_PREFIX + b for b in BUILDERS)}")
+    kwargs = {}
+    for item in filter(None, opts.split(",")):
+        field_name, eq, value = item.partition("=")
+        if field_name not in ("k", "n", "fit_tokens") or not eq or not value.isdigit():
+            raise ValueError(f"bad option {item!r} in {checkpoint!r}; use e.g. builtin:{name}:k=32,n=4096")
+        kwargs[field_name] = int(value)
+    return BuiltinSpec(name, **kwargs)
+
+
+def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> SAE:
+    """Fit the baseline on raw residuals `sample` (tokens, d)."""
+    x = sample.double()
+    d = x.shape[1]
+    mu = x.mean(0)
+    if spec.name == "pca-topk":
+        cov = (x - mu).T @ (x - mu) / max(len(x) - 1, 1)
+        _, vecs = torch.linalg.eigh(cov)
+        directions = vecs.flip(1).T  # (d, d), rows by decreasing variance
+        W_dec = torch.cat([directions, -directions])
+    else:
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(spec.n, d, generator=g, dtype=torch.float64)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+    n = W_dec.shape[0]
+    if not 0 < spec.k <= n:
+        raise ValueError(f"{BUILTIN_PREFIX}{spec.name} has {n} latents; k={spec.k} must be between 1 and {n}")
+    info = SAEInfo(format="builtin", architecture=spec.name, path=BUILTIN_PREFIX + spec.name,
+                   extra={"fit_tokens": len(x), "k": spec.k})
+    f = torch.float32
+    return SAE(W_dec.T.contiguous().to(f), torch.zeros(n, dtype=f), W_dec.to(f), mu.to(f),
+               activation="topk", k=spec.k, b_pre=mu.to(f), info=info)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from saebench.metrics.downstream import DownstreamParams
+from saebench.metrics.downstream import compute as downstream
+from tests.conftest import identity_sae, random_sae
+
+
+def hooked_logits(model, ids, layer, replace):
+    """Full HF forward with block `layer`'s output replaced at positions 1.. by replace(h)."""
+    block = model.family.blocks[layer]
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, 1:] = replace(h)[:, 1:]
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model.hf_model(input_ids=ids, use_cache=False).logits.double()
+    finally:
+        handle.remove()
+
+
+def test_downstream_matches_full_model_with_hook(make_context):
+    ctx = make_context()
+    model, layer = ctx.model, ctx.layer
+    sae = random_sae(model.d_model, 128, k=8)
+    result = downstream(ctx, sae, DownstreamParams())
+
+    ids = torch.from_numpy(ctx.windows)
+    clean = hooked_logits(model, ids, layer, lambda h: h)
+    spliced = hooked_logits(model, ids, layer, lambda h: sae(h))
+    zero = hooked_logits(model, ids, layer, torch.zeros_like)
+    t = ids[:, 2:]
+
+    def ce(logits):
+        return -torch.log_softmax(logits[:, 1:-1], -1).gather(-1, t.unsqueeze(-1)).squeeze(-1).mean().item()
+
+    lc, ls = torch.log_softmax(clean[:, 1:-1], -1), torch.log_softmax(spliced[:, 1:-1], -1)
+    kl = (lc.exp() * (lc - ls)).sum(-1).mean().item()
+    v = result.values
+    assert v["ce_clean"].value == pytest.approx(ce(clean), abs=1e-5)
+    assert v["ce_spliced"].value == pytest.approx(ce(spliced), abs=1e-5)
+    assert v["ce_zero"].value == pytest.approx(ce(zero), abs=1e-5)
+    assert v["delta_ce"].value == pytest.approx(ce(spliced) - ce(clean), abs=1e-5)
+    assert v["kl"].value == pytest.approx(kl, abs=1e-5)
+    expected_lr = (ce(zero) - ce(spliced)) / (ce(zero) - ce(clean))
+    assert v["loss_recovered"].value == pytest.approx(expected_lr, rel=1e-4)
+    assert result.counts["positions"] == 12 * 14
+
+
+def test_exact_reconstruction_changes_nothing(make_context):
+    ctx = make_context()
+    v = downstream(ctx, identity_sae(ctx.model.d_model), DownstreamParams()).values
+    assert abs(v["delta_ce"].value) < 1e-5 and abs(v["kl"].value) < 1e-6
+    assert v["loss_recovered"].value == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clean_pass_is_cached_once(make_context):
+    ctx = make_context()
+    first = np.array(ctx.clean["ce_clean"])
+    again = make_context()  # a new context over the same cache folder reads what the first one wrote
+    assert again.store("eval-downstream", {"n_windows": len(again.windows)}).has("final", "ce_clean", "ce_zero")
+    np.testing.assert_array_equal(np.array(again.clean["ce_clean"]), first)
