@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from saebench.data.cache import Store
+
+
+def test_collect_resumes_after_interruption(tmp_path):
+    calls = []
+
+    def produce(start, stop):
+        calls.append(start)
+        if start == 6 and len(calls) < 4:
+            raise KeyboardInterrupt  # killed half-way
+        return {"a": np.arange(start, stop)[:, None] * np.ones((1, 3)), "b": np.arange(start, stop)}
+
+    store = Store("test", {"x": 1}, root=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        store.collect(("a", "b"), 10, 3, produce)
+    assert calls == [0, 3, 6]
+    assert not store.has("a")
+    out = Store("test", {"x": 1}, root=tmp_path).collect(("a", "b"), 10, 3, produce)
+    assert calls == [0, 3, 6, 6, 9]  # only the missing chunks ran again
+    np.testing.assert_array_equal(out["b"], np.arange(10))
+    assert out["a"].shape == (10, 3)
+    assert not list(store.folder.glob("shards-*"))
+    assert not list(store.folder.glob(".*tmp"))
+
+
+def test_keys_separate_folders(tmp_path):
+    a, b = Store("k", {"layer": 1}, root=tmp_path), Store("k", {"layer": 2}, root=tmp_path)
+    a.save("x", np.zeros(2))
+    assert a.has("x") and not b.has("x")
