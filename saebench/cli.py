@@ -68,6 +68,15 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_leaderboard(args) -> int:
+    from saebench.leaderboard import generate
+
+    path = generate([Path(p) for p in args.results], Path(args.out), sort=args.sort)
+    print(path.read_text())
+    print(f"leaderboard: {path.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saebench import __version__
     from saebench.metrics.registry import get_metric, metric_names
@@ -97,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--include-tasks", action="append", default=[], help="extra folder of task YAMLs")
     tl.add_argument("--select", default="all", help="names and/or tags, comma-separated")
     tl.set_defaults(func=cmd_tasks)
+
+    lb = sub.add_parser("leaderboard", help="markdown table and plots from result files")
+    lb.add_argument("--results", action="append", default=None, help="results folder (repeatable; default results)")
+    lb.add_argument("--out", default="leaderboard", help="output folder (default %(default)s)")
+    lb.add_argument("--sort", default=None, metavar="METRIC.VALUE", help="sort rows, e.g. core.nmse")
+    lb.set_defaults(func=cmd_leaderboard)
     return parser
 
 
@@ -105,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.environ.get("SAEBENCH_DEBUG"):
         warnings.filterwarnings("ignore", category=FutureWarning)
+    if getattr(args, "results", "unset") is None:
+        args.results = ["results"]
     try:
         return args.func(args)
     except KeyboardInterrupt:

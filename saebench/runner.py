@@ -196,6 +196,7 @@ def _payload(metric, params, result, ckpt, sae, ctx, key, wall) -> dict:
             "n_latents": sae.n_latents,
             "k": sae.k,
             "normalization": sae.normalization.kind,
+            "training": info.extra.get("training"),
         },
         "values": {k: v.to_dict() for k, v in result.values.items()},
         "headline": list(metric.headline),
