@@ -36,6 +36,10 @@ class EvalConfig:
     n_tokens: int = 16384
     #: window length including the BOS at position 0
     ctx: int = 64
+    #: treat BOS/EOS tokens inside a window (document separators) like position 0: not scored, not
+    #: spliced.  They are attention sinks too, with ~50x the typical residual norm at mid-depth, and
+    #: would otherwise dominate nmse and the downstream loss.
+    exclude_special: bool = True
     #: windows per forward pass of the subject model
     batch_size: int = 32
     #: torch device for the model and the SAE
@@ -117,7 +121,7 @@ class EvalContext:
     @property
     def data_key(self) -> dict:
         """What an evaluation result depends on besides the checkpoint and the metric's parameters."""
-        return {**self.site_key, "n_tokens": self.config.n_tokens}
+        return {**self.site_key, "n_tokens": self.config.n_tokens, "exclude_special": self.config.exclude_special}
 
     def store(self, kind: str, extra: dict | None = None) -> Store:
         root = cache_root() if self.config.cache_dir is None else Path(self.config.cache_dir)
@@ -171,11 +175,30 @@ class EvalContext:
         """Residuals at the site for the evaluation windows (n_windows, ctx, d)."""
         return self.site_resid("eval", self.config.n_windows)
 
+    def scored(self, windows: np.ndarray) -> np.ndarray:
+        """Which positions 1.. of these windows are scored and spliced: (n, ctx - 1) bool."""
+        keep = np.ones(windows[:, 1:].shape, dtype=bool)
+        if self.config.exclude_special:
+            specials = [self.model.bos_id, self.model.eos_id]
+            keep &= ~np.isin(windows[:, 1:], specials)
+        return keep
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """Scored positions 1.. of the evaluation windows, (n_windows, ctx - 1) bool."""
+        return self.scored(self.windows)
+
     def train_sample(self, n_tokens: int) -> torch.Tensor:
-        """Residuals at positions 1.. of training-split windows, (about n_tokens, d) float32."""
+        """Residuals at scored positions of training-split windows, (n_tokens, d) float32."""
         n_windows = -(-n_tokens // (self.config.ctx - 1))
-        resid = self.site_resid("train", n_windows)
-        return torch.from_numpy(np.array(resid[:, 1:])).reshape(-1, resid.shape[-1])[:n_tokens]
+        while True:
+            windows, resid = self.site_windows("train", n_windows), self.site_resid("train", n_windows)
+            keep = self.scored(windows)
+            if keep.sum() >= n_tokens:
+                break
+            n_windows = int(n_windows * 1.1) + 1
+        x = torch.from_numpy(np.array(resid[:, 1:])[keep])
+        return x[:n_tokens]
 
     @cached_property
     def clean(self) -> dict[str, np.ndarray]:
@@ -184,10 +207,10 @@ class EvalContext:
         final:   clean final hidden state (after the last norm), (n_windows, ctx, d) — the clean logits are
                  its image under the head, so the full clean distribution never has to be stored.
         ce_clean, ce_zero: per-position CE (n_windows, ctx - 2) for positions 1..ctx-2 (targets 2..ctx-1),
-                 clean and with the site's residual zeroed at positions 1.. .
+                 clean and with the site's residual zeroed at the scored positions (`mask`).
         """
-        windows, resid = self.windows, self.resid
-        store = self.store("eval-downstream", {"n_windows": len(windows)})
+        windows, resid, mask = self.windows, self.resid, self.mask
+        store = self.store("eval-downstream", {"n_windows": len(windows), "exclude_special": self.config.exclude_special})
 
         def produce(start: int, stop: int) -> dict[str, np.ndarray]:
             ids = torch.from_numpy(windows[start:stop]).to(self.device)
@@ -197,7 +220,7 @@ class EvalContext:
                 final = self.model.from_site(h, self.layer)
                 ce_clean = token_ce(self.model.logits(final[:, 1:-1]), targets)
                 zeroed = h.clone()
-                zeroed[:, 1:] = 0
+                zeroed[:, 1:][torch.from_numpy(mask[start:stop]).to(self.device)] = 0
                 ce_zero = token_ce(self.model.logits(self.model.from_site(zeroed, self.layer)[:, 1:-1]), targets)
             return {
                 "final": final.float().cpu().numpy(),

@@ -11,9 +11,9 @@ WORDS = ("the cat sat on a mat while dogs ran past old trees near quiet rivers a
          "grey skies people read books about ships cities music science and history every day").split()
 
 
-def write_corpus(path, n_docs: int = 60, seed: int = 0):
+def write_corpus(path, n_docs: int = 200, seed: int = 0):
     rng = random.Random(seed)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(n_docs)]
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) + "." for _ in range(n_docs)]
     path.write_text("\n\n".join(docs))
     return path
 

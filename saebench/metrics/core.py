@@ -1,6 +1,7 @@
 """core: reconstruction and sparsity on the evaluation tokens (METRICS.md).
 
-Over tokens at positions 1.. of the evaluation windows, with u the SAE-space input and x the raw residual:
+Over the scored tokens of the evaluation windows (positions 1.. less BOS/EOS separators, `EvalContext.mask`),
+with u the SAE-space input and x the raw residual:
 
     l0         = mean_t |{j : z_tj != 0}|
     nmse       = sum_t ||u_t - u_hat_t||^2 / sum_t ||u_t - mean(u)||^2          (SAE space)
@@ -37,13 +38,13 @@ class _SumOfSquaresAroundMean:
         self.vec = np.zeros((n_windows, d))
         self.count = np.zeros(n_windows)
 
-    def add(self, start: int, v: torch.Tensor) -> None:
-        """v: (b, tokens, d) for windows start.. ."""
-        v = v.double()
+    def add(self, start: int, v: torch.Tensor, keep: torch.Tensor) -> None:
+        """v: (b, tokens, d) for windows start.., keep: (b, tokens) which tokens count."""
+        v = v.double() * keep.unsqueeze(-1)
         b = v.shape[0]
         self.sq[start: start + b] += v.pow(2).sum((1, 2)).cpu().numpy()
         self.vec[start: start + b] += v.sum(1).cpu().numpy()
-        self.count[start: start + b] += v.shape[1]
+        self.count[start: start + b] += keep.sum(1).cpu().numpy()
 
     def per_window(self) -> np.ndarray:
         mu = self.vec.sum(0) / self.count.sum()
@@ -61,16 +62,19 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
     for start, stop, x, rec in tqdm(batches, total=-(-n_windows // ctx.config.batch_size), desc="core",
                                     leave=False, dynamic_ncols=True):
         b, t = x.shape[:2]
+        keep = torch.from_numpy(ctx.mask[start:stop]).to(ctx.device)
+        w = keep.double()
         u, u_hat, x_hat = (a.reshape(b, t, d).double() for a in (rec.u, rec.u_hat, rec.x_hat))
         xd = x.double()
-        err_sae[start:stop] = (u - u_hat).pow(2).sum((1, 2)).cpu().numpy()
-        err_raw[start:stop] = (xd - x_hat).pow(2).sum((1, 2)).cpu().numpy()
-        spread_sae.add(start, u)
-        spread_raw.add(start, xd)
-        active = rec.codes.values != 0
+        err_sae[start:stop] = ((u - u_hat).pow(2).sum(-1) * w).sum(1).cpu().numpy()
+        err_raw[start:stop] = ((xd - x_hat).pow(2).sum(-1) * w).sum(1).cpu().numpy()
+        spread_sae.add(start, u, w)
+        spread_raw.add(start, xd, w)
+        active = (rec.codes.values != 0) & keep.reshape(-1, 1)
         l0[start:stop] = active.sum(-1).reshape(b, t).sum(1).double().cpu().numpy()
-        norm_ratio[start:stop] = (x_hat.norm(dim=-1) / xd.norm(dim=-1)).sum(1).cpu().numpy()
-        tokens[start:stop] = t
+        ratio = x_hat.norm(dim=-1) / xd.norm(dim=-1).clamp_min(1e-30)
+        norm_ratio[start:stop] = (ratio * w).sum(1).cpu().numpy()
+        tokens[start:stop] = w.sum(1).cpu().numpy()
         fires += torch.bincount(rec.codes.indices[active], minlength=n)
 
     total = int(tokens.sum())
@@ -86,7 +90,8 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
     }
     return MetricResult(
         values=values,
-        counts={"tokens": total, "windows": n_windows, "latents": n},
+        counts={"tokens": total, "windows": n_windows, "latents": n,
+                "excluded_special_tokens": int((~ctx.mask).sum())},
         details={"firing_frequency_histogram": _log_histogram(freq)},
     )
 

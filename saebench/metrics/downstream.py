@@ -1,6 +1,7 @@
 """downstream: the LM with the SAE's reconstruction spliced in at the site (METRICS.md).
 
-At every position but 0 the residual after block `layer` is replaced by x_hat; the model runs from the
+At every scored position (all but 0 and the BOS/EOS separators, see `EvalContext.mask`) the residual after
+block `layer` is replaced by x_hat; the model runs from the
 site on; next-token prediction is scored on positions 1..ctx-2 (targets 2..ctx-1):
 
     delta_ce       = CE(spliced) - CE(clean)                                  (nats/token)
@@ -38,7 +39,8 @@ def compute(ctx, sae, params: DownstreamParams) -> MetricResult:
     for start, stop in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
         ids = torch.from_numpy(ctx.windows[start:stop]).to(ctx.device)
         h = torch.from_numpy(np.array(ctx.resid[start:stop])).to(ctx.device, model.dtype)
-        h[:, 1:] = ctx.x_hat(sae, start, stop).to(model.dtype)
+        keep = torch.from_numpy(ctx.mask[start:stop]).to(ctx.device)
+        h[:, 1:][keep] = ctx.x_hat(sae, start, stop).to(model.dtype)[keep]
         with torch.inference_mode():
             logits_spliced = model.logits(model.from_site(h, layer)[:, 1:-1])
             ce_spliced[start:stop] = token_ce(logits_spliced, ids[:, 2:]).double().sum(1).cpu().numpy()
@@ -60,7 +62,8 @@ def compute(ctx, sae, params: DownstreamParams) -> MetricResult:
         "ce_clean": ratio_estimate(ce_clean, positions, "windows", seed),
         "ce_zero": ratio_estimate(ce_zero, positions, "windows", seed),
     }
-    return MetricResult(values=values, counts={"positions": int(positions.sum()), "windows": n_windows})
+    counts = {"positions": int(positions.sum()), "windows": n_windows, "spliced": int(ctx.mask.sum())}
+    return MetricResult(values=values, counts=counts)
 
 
 register(

@@ -7,9 +7,9 @@ from saebench.metrics.core import compute as core
 from tests.conftest import identity_sae, random_sae
 
 
-def direct_core(resid: np.ndarray, sae):
-    """Dense, un-batched reference: every token at positions 1.. at once."""
-    x = torch.from_numpy(np.array(resid[:, 1:])).reshape(-1, resid.shape[-1]).double()
+def direct_core(resid: np.ndarray, mask: np.ndarray, sae):
+    """Dense, un-batched reference: every scored token at once."""
+    x = torch.from_numpy(np.array(resid[:, 1:])[mask]).double()
     sae = sae.double()
     u, state = sae.normalization.apply(x)
     z = sae.encode(x)
@@ -31,12 +31,14 @@ def test_core_matches_direct_computation(make_context, activation, normalization
     ctx = make_context()
     sae = random_sae(ctx.model.d_model, 96, activation=activation, normalization=normalization, k=5)
     result = core(ctx, sae, CoreParams())
-    expected = direct_core(ctx.resid, sae)
+    expected = direct_core(ctx.resid, ctx.mask, sae)
     for name, value in expected.items():
         got = result.values[name]
         assert got.value == pytest.approx(value, rel=1e-5, abs=1e-9), name
         assert got.lo <= got.value <= got.hi or name.endswith("_frac")
-    assert result.counts["tokens"] == 12 * 15
+    separators = int((ctx.windows[:, 1:] == 0).sum())
+    assert separators > 0  # the corpus joins documents with EOS: those positions are not scored
+    assert result.counts["tokens"] == 12 * 15 - separators
     assert result.values["nmse"].n == 12 and result.values["nmse"].unit == "windows"
 
 

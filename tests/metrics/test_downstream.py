@@ -8,13 +8,16 @@ from tests.conftest import identity_sae, random_sae
 
 
 def hooked_logits(model, ids, layer, replace):
-    """Full HF forward with block `layer`'s output replaced at positions 1.. by replace(h)."""
+    """Full HF forward with block `layer`'s output replaced by replace(h) at positions 1.. that are not
+    BOS/EOS separators (token id 0 in the tiny tokenizer)."""
     block = model.family.blocks[layer]
 
     def hook(_module, _inputs, output):
         h = output[0] if isinstance(output, tuple) else output
         h = h.clone()
-        h[:, 1:] = replace(h)[:, 1:]
+        keep = ids != 0
+        keep[:, 0] = False
+        h[keep] = replace(h)[keep]
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = block.register_forward_hook(hook)
@@ -64,5 +67,6 @@ def test_clean_pass_is_cached_once(make_context):
     ctx = make_context()
     first = np.array(ctx.clean["ce_clean"])
     again = make_context()  # a new context over the same cache folder reads what the first one wrote
-    assert again.store("eval-downstream", {"n_windows": len(again.windows)}).has("final", "ce_clean", "ce_zero")
+    key = {"n_windows": len(again.windows), "exclude_special": True}
+    assert again.store("eval-downstream", key).has("final", "ce_clean", "ce_zero")
     np.testing.assert_array_equal(np.array(again.clean["ce_clean"]), first)
