@@ -4,7 +4,12 @@ PIP := $(PYTHON) -m pip
 CHECKPOINT ?= builtin:pca-topk
 TASKS ?= core,downstream
 
-.PHONY: setup demo test test-fast lint bench
+# peers whose own forward passes the format tests compare against (imported piecemeal, so --no-deps)
+PEERS := sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 transformer-lens==3.9.0 \
+	jaxtyping==0.3.11 wadler-lindig better-abc==0.0.3 einops==0.8.2 natsort==8.4.0 simple-parsing==0.1.9 \
+	docstring-parser schedulefree==1.4.1
+
+.PHONY: setup setup-peers demo test test-fast lint bench
 
 setup:
 	@# torch first, pinned: this machine carries its CPU wheel; an unpinned torch could pull a CUDA build
@@ -16,7 +21,10 @@ setup:
 demo: setup
 	saebench run --checkpoint $(CHECKPOINT) --tasks $(TASKS) --out results
 
-test: setup
+setup-peers:
+	$(PIP) install -q --no-deps $(PEERS)
+
+test: setup setup-peers
 	$(PYTHON) -m pytest -q
 
 test-fast:

@@ -4,11 +4,13 @@ In SAE space (after the input normalisation, see `Normalization`):
 
     pre     = (u - b_pre) @ W_enc + b_enc
     z       = act(pre)      relu | topk: relu, then keep the k largest | jumprelu: pre * (pre > threshold)
+                            gated: 1[pre > 0] * relu(exp(r_mag) * (pre - b_enc) + b_mag)
     u_hat   = z @ W_dec + b_dec
 
 and in raw residual space  x_hat = denormalize(u_hat).  `b_pre` is the vector the encoder subtracts first
 (OpenAI's pre_bias, sparsify's b_dec, SAELens' b_dec when apply_b_dec_to_input); zero when the library
-subtracts nothing.  Shapes: W_enc (d, n), W_dec (n, d).
+subtracts nothing.  Shapes: W_enc (d, n), W_dec (n, d).  A gated SAE's gate and magnitude paths share W_enc:
+b_enc is the gate bias, and the magnitude path rescales the same projection by exp(r_mag) and adds b_mag.
 
 Latents travel as `SparseCodes` (indices, values) of shape (tokens, m): m = k for TopK, else the largest
 number of active latents in the batch, padded with value 0.
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("relu", "topk", "jumprelu")
+ACTIVATIONS = ("relu", "topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "constant", "token_norm", "layer_norm")
 
 
@@ -69,6 +71,9 @@ class Normalization:
     eps: float = 1e-5
     #: layer_norm divides by the unbiased (n - 1) std when True (OpenAI and SAELens use torch's default)
     unbiased: bool = True
+    #: layer_norm's undo multiplies by std + eps (the exact inverse) when True, by std alone when False
+    #: (what OpenAI's and SAELens' decoders do)
+    undo_with_eps: bool = True
 
     def __post_init__(self):
         if self.kind not in NORMALIZATIONS:
@@ -86,7 +91,7 @@ class Normalization:
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
         std = centred.std(-1, keepdim=True, unbiased=self.unbiased)
-        return centred / (std + self.eps), (mean, std + self.eps)
+        return centred / (std + self.eps), (mean, std + self.eps if self.undo_with_eps else std)
 
     def undo(self, u: torch.Tensor, state: tuple) -> torch.Tensor:
         if self.kind == "none":
@@ -99,7 +104,13 @@ class Normalization:
         return u * std + mean
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "scale": self.scale, "eps": self.eps, "unbiased": self.unbiased}
+        return {
+            "kind": self.kind,
+            "scale": self.scale,
+            "eps": self.eps,
+            "unbiased": self.unbiased,
+            "undo_with_eps": self.undo_with_eps,
+        }
 
 
 @dataclass
@@ -138,6 +149,8 @@ class SAE(nn.Module):
         k: int | None = None,
         threshold: torch.Tensor | None = None,
         b_pre: torch.Tensor | None = None,
+        r_mag: torch.Tensor | None = None,
+        b_mag: torch.Tensor | None = None,
         normalization: Normalization | None = None,
         info: SAEInfo | None = None,
     ):
@@ -149,6 +162,8 @@ class SAE(nn.Module):
             raise ValueError(f"TopK SAE needs 0 < k <= n_latents, got k={k}, n_latents={n}")
         if activation == "jumprelu" and threshold is None:
             raise ValueError("JumpReLU SAE needs a threshold")
+        if activation == "gated" and (r_mag is None or b_mag is None):
+            raise ValueError("gated SAE needs the magnitude path's r_mag and b_mag")
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(b_enc)
         self.W_dec = nn.Parameter(W_dec)
@@ -158,6 +173,11 @@ class SAE(nn.Module):
             self.register_buffer("threshold", threshold.expand(n).clone())
         else:
             self.threshold = None
+        if activation == "gated":
+            self.register_buffer("r_mag", r_mag)
+            self.register_buffer("b_mag", b_mag)
+        else:
+            self.r_mag = self.b_mag = None
         self.activation = activation
         self.k = k
         self.normalization = normalization or Normalization()
@@ -190,7 +210,7 @@ class SAE(nn.Module):
         if self.activation == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
             return SparseCodes(indices, values.clamp_min(0))
-        if self.activation == "relu":
+        if self.activation in ("relu", "gated"):
             active = pre > 0
         else:
             active = (pre > self.threshold) & (pre > 0)
@@ -198,6 +218,10 @@ class SAE(nn.Module):
         # keys: active latents first, by their pre-activation; inactive entries are padding with value 0
         keyed = torch.where(active, pre, torch.full_like(pre, -torch.inf))
         values, indices = keyed.topk(m, dim=-1, sorted=False)
+        if self.activation == "gated":
+            x_enc = pre.gather(1, indices) - self.b_enc[indices]
+            magnitudes = torch.relu(x_enc * self.r_mag[indices].exp() + self.b_mag[indices])
+            values = torch.where(torch.isfinite(values), magnitudes, torch.zeros_like(magnitudes))
         return SparseCodes(indices, torch.where(torch.isfinite(values), values, torch.zeros_like(values)))
 
     def decode_sparse(self, codes: SparseCodes) -> torch.Tensor:
