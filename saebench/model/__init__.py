@@ -1,0 +1,23 @@
+"""Subject models: offline aliases, loading (GGUF -> safetensors cache), running to and from the site."""
+
+from saebench.model.aliases import ALIASES, DEFAULT_MODEL, Alias, AliasPackageMissing, resolve_alias
+from saebench.model.families import FAMILIES, Family, UnsupportedModelError
+from saebench.model.loading import ModelLoadError, cache_root, default_layer, load_model, model_id
+from saebench.model.subject import SubjectModel
+
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "FAMILIES",
+    "Alias",
+    "AliasPackageMissing",
+    "Family",
+    "ModelLoadError",
+    "SubjectModel",
+    "UnsupportedModelError",
+    "cache_root",
+    "default_layer",
+    "load_model",
+    "model_id",
+    "resolve_alias",
+]
