@@ -1,0 +1,232 @@
+"""The autoencoder being trained, in SAE space (inputs u already normalised per token):
+
+    pre   = W_enc (u - b_pre) + b_enc                          W_enc (n, d): rows are encoder directions
+    z     = relu(topk_k(pre))     TopK        |   relu(pre)    ReLU baseline
+    u_hat = W_dec^T z + b_pre                                  W_dec (n, d): rows are unit-norm directions
+
+Losses, with sums over the batch's tokens t (the paper's normalised MSE divides by the error of
+predicting the batch mean):
+
+    nmse(a, b) = sum_t ||a_t - b_t||^2 / sum_t ||b_t - mean_t b||^2
+    TopK   loss = nmse(u_hat, u) + alpha * nmse(e_hat, e)  [+ nmse(u_hat_4k, u) / 8 with Multi-TopK]
+           e = u - u_hat (no gradient), e_hat = W_dec^T relu(topk_kaux(pre over dead latents)), NaN -> 0
+    ReLU   loss = nmse(u_hat, u) + lambda * sum_t ||z_t||_1 / (N rms),  rms^2 = sum_t ||u_t - mean u||^2 / N
+
+Decoder rows are kept at unit norm: `project_decoder_grad` removes each row's gradient component along
+the row (before the optimiser step) and `normalize_decoder` rescales the rows after it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sae.sae import SAE, Normalization, SAEInfo, SparseCodes
+from .config import TrainConfig
+from .sparse_ops import selected_preactivations, sparse_decode
+
+
+class TrainOutput(NamedTuple):
+    """One forward pass of a training batch."""
+
+    codes: SparseCodes | None
+    """TopK: the k selected latents per token (values after the relu); None for ReLU."""
+    fired: torch.Tensor
+    """bool (n,): latents active (z > 0) on at least one token."""
+    l0: torch.Tensor
+    """Mean number of active latents per token."""
+    u_hat: torch.Tensor
+    """Reconstruction in SAE space (tokens, d)."""
+    nmse: torch.Tensor
+    """nmse(u_hat, u), or this chunk's share of it when a batch total_variance was passed."""
+    auxk_nmse: torch.Tensor
+    """nmse(e_hat, e) over the top-k_aux dead latents; 0 when none is dead or AuxK is off."""
+    multi_topk_nmse: torch.Tensor
+    """nmse of the top-4k reconstruction with Multi-TopK, else 0."""
+    l1: torch.Tensor
+    """ReLU: sum_t ||z_t||_1 / (N rms); else 0."""
+    loss: torch.Tensor
+    """What the optimiser minimises."""
+
+
+def nmse(prediction: torch.Tensor, target: torch.Tensor, total_variance: torch.Tensor | None = None):
+    """sum ||prediction - target||^2 / sum ||target - mean(target)||^2 (the denominator may be given)."""
+    if total_variance is None:
+        total_variance = (target - target.mean(0)).pow(2).sum()
+    return (prediction - target).pow(2).sum() / total_variance
+
+
+class TrainableSAE(nn.Module):
+    """See the module docstring for the equations."""
+
+    def __init__(self, config: TrainConfig, d_in: int):
+        super().__init__()
+        self.config = config
+        device, dtype = torch.device(config.device), getattr(torch, config.dtype)
+        n = config.n_latents
+        self.W_enc = nn.Parameter(torch.zeros(n, d_in, device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(n, d_in, device=device, dtype=dtype))
+        self.b_pre = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
+        self.k_aux = config.effective_k_aux(d_in)
+        self.auxk_alpha = config.effective_auxk_alpha()
+        self.l1_coefficient = config.l1_coefficient
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def n_latents(self) -> int:
+        return self.W_enc.shape[0]
+
+    # --- initialisation and the unit-norm constraint -------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, b_pre: torch.Tensor, generator: torch.Generator) -> None:
+        """Random unit-norm decoder rows, W_enc = W_dec (tied) or independent unit rows, b_enc = 0."""
+        shape = self.W_dec.shape
+        dec = torch.randn(shape, generator=generator, dtype=torch.float64)
+        self.W_dec.copy_(dec / dec.norm(dim=1, keepdim=True))
+        if self.config.tied_init:
+            self.W_enc.copy_(self.W_dec)
+        else:
+            enc = torch.randn(shape, generator=generator, dtype=torch.float64)
+            self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+        self.b_enc.zero_()
+        self.b_pre.copy_(b_pre)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """grad_i <- grad_i - (grad_i . w_i) w_i for every (unit) decoder row w_i."""
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        u: torch.Tensor,
+        *,
+        dead: torch.Tensor | None = None,
+        total_variance: torch.Tensor | None = None,
+        n_tokens: int | None = None,
+    ) -> TrainOutput:
+        """Loss on SAE-space inputs u (tokens, d).
+
+        dead: bool (n,) latents AuxK may use.  total_variance / n_tokens: the whole batch's
+        sum ||u_t - mean u||^2 and token count when u is one chunk of it (the chunks' losses then add up to
+        the batch loss); TopK batches are not chunked here (only their dense pre-activations are).
+        """
+        if total_variance is None:
+            total_variance = (u - u.mean(0)).pow(2).sum()
+        if self.config.activation == "relu":
+            return self._relu_forward(u, total_variance, n_tokens or u.shape[0])
+        return self._topk_forward(u, dead, total_variance)
+
+    def _relu_forward(self, u, total_variance, n_tokens) -> TrainOutput:
+        z = F.relu(F.linear(u - self.b_pre, self.W_enc, self.b_enc))
+        u_hat = z @ self.W_dec + self.b_pre
+        recon = nmse(u_hat, u, total_variance)
+        rms = (total_variance.detach() / n_tokens).sqrt()
+        l1 = z.sum() / (n_tokens * rms)
+        zero = recon.new_zeros(())
+        with torch.no_grad():
+            active = z > 0
+            fired, l0 = active.any(0), active.sum(1, dtype=z.dtype).mean()
+        return TrainOutput(None, fired, l0, u_hat, recon, zero, zero, l1, recon + self.l1_coefficient * l1)
+
+    @torch.no_grad()
+    def _select(self, u: torch.Tensor, dead: torch.Tensor | None, kk: int):
+        """Top-kk latents per token and, over dead latents, top-k_aux; chunked so that at most
+        config.chunk_elements dense pre-activations exist at once."""
+        n_tokens = u.shape[0]
+        centred = u - self.b_pre
+        chunk = max(1, min(n_tokens, self.config.chunk_elements // self.n_latents))
+        dead_ids = None
+        if dead is not None and self.auxk_alpha > 0 and bool(dead.any()):
+            dead_ids = dead.nonzero().squeeze(1)
+        k_aux = 0 if dead_ids is None else min(self.k_aux, dead_ids.numel())
+        indices = torch.empty(n_tokens, kk, dtype=torch.int64, device=u.device)
+        values = u.new_empty(n_tokens, kk)
+        aux_indices = torch.empty(n_tokens, k_aux, dtype=torch.int64, device=u.device)
+        aux_values = u.new_empty(n_tokens, k_aux)
+        buffer = u.new_empty(chunk, self.n_latents)
+        for start in range(0, n_tokens, chunk):
+            stop = min(n_tokens, start + chunk)
+            pre = torch.addmm(self.b_enc, centred[start:stop], self.W_enc.T, out=buffer[: stop - start])
+            torch.topk(pre, kk, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
+            if k_aux:
+                dead_pre = pre.index_select(1, dead_ids)
+                top_values, top_positions = dead_pre.topk(k_aux, dim=1, sorted=False)
+                aux_values[start:stop] = top_values
+                aux_indices[start:stop] = dead_ids[top_positions]
+        return indices, values, (aux_indices, aux_values) if k_aux else None
+
+    def _encode_selected(self, u, indices, values):
+        """Differentiable pre-activations at the selected indices."""
+        if self.config.sparse_backward:
+            return selected_preactivations(u, self.b_pre, self.W_enc, self.b_enc, indices, values)
+        pre = F.linear(u - self.b_pre, self.W_enc, self.b_enc)
+        return pre.gather(1, indices)
+
+    def _decode(self, indices, z):
+        """W_dec^T z without the bias."""
+        if self.config.sparse_backward:
+            return sparse_decode(indices, z, self.W_dec)
+        dense = z.new_zeros(z.shape[0], self.n_latents).scatter(1, indices, z)
+        return dense @ self.W_dec
+
+    def _topk_forward(self, u, dead, total_variance) -> TrainOutput:
+        k = self.config.k
+        kk = 4 * k if self.config.multi_topk else k
+        indices, values, aux = self._select(u, dead, kk)
+        z = F.relu(self._encode_selected(u, indices, values))
+        zero = total_variance.new_zeros(())
+        multi = zero
+        if self.config.multi_topk:
+            u_hat_4k = self._decode(indices, z) + self.b_pre
+            multi = nmse(u_hat_4k, u, total_variance)
+            top = values.topk(k, dim=1, sorted=False).indices
+            indices, z = indices.gather(1, top), z.gather(1, top)
+        u_hat = self._decode(indices, z) + self.b_pre
+        recon = nmse(u_hat, u, total_variance)
+        auxk = zero
+        if aux is not None:
+            aux_indices, aux_values = aux
+            aux_z = F.relu(self._encode_selected(u, aux_indices, aux_values))
+            error = (u - u_hat).detach()
+            auxk = nmse(self._decode(aux_indices, aux_z), error).nan_to_num(0.0)
+        loss = recon + self.auxk_alpha * auxk + multi / 8
+        with torch.no_grad():
+            active = z > 0
+            fired = torch.zeros(self.n_latents, dtype=torch.bool, device=u.device)
+            fired[indices[active]] = True
+            l0 = active.sum(1, dtype=z.dtype).mean()
+        codes = SparseCodes(indices, z.detach())
+        return TrainOutput(codes, fired, l0, u_hat, recon, auxk, multi, zero, loss)
+
+    # --- export ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_sae(self, normalization: Normalization, info: SAEInfo | None = None) -> SAE:
+        """The internal SAE with these weights (b_dec = b_pre, the bias the encoder subtracts)."""
+        info = info or SAEInfo()
+        info.format = "native"
+        info.architecture = self.config.activation
+        return SAE(
+            self.W_enc.detach().T.clone(),
+            self.b_enc.detach().clone(),
+            self.W_dec.detach().clone(),
+            self.b_pre.detach().clone(),
+            activation=self.config.activation,
+            k=self.config.k if self.config.activation == "topk" else None,
+            b_pre=self.b_pre.detach().clone(),
+            normalization=normalization,
+            info=info,
+        )

@@ -1,0 +1,139 @@
+"""The trainer's configuration: one dataclass, saved as JSON beside every checkpoint it produces."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+TRAIN_ACTIVATIONS = ("topk", "relu")
+TRAIN_NORMALIZATIONS = ("none", "layer_norm", "token_norm")
+
+
+@dataclass
+class TrainConfig:
+    """How to train one SAE (Gao et al. 2024's recipe unless a field says otherwise)."""
+
+    activation: str = "topk"
+    """'topk': z = relu(topk_k(pre)); 'relu': z = relu(pre) with an L1 penalty (the paper's baseline)."""
+
+    n_latents: int = 16384
+    """Number of latents n."""
+
+    k: int = 32
+    """Active latents per token for 'topk'; the target L0 of `l1_target_l0` presets refers to it too."""
+
+    multi_topk: bool = False
+    """Add Multi-TopK's term nmse(top-4k reconstruction) / 8 to the loss ('topk' only)."""
+
+    auxk_alpha: float | None = None
+    """Weight of the AuxK loss alpha * nmse(e_hat, e); None means 1/32 for 'topk' (0 for 'relu'); 0 is off."""
+
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; None means d_in // 2."""
+
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without activating (capped at 5% of max_tokens, see
+    `effective_dead_tokens`)."""
+
+    tied_init: bool = True
+    """Initialise the encoder to the transpose of the decoder; False draws independent random directions."""
+
+    l1_coefficient: float = 0.03
+    """'relu': lambda in nmse + lambda * sum_t ||z_t||_1 / (N * rms), rms = sqrt(sum_t ||u_t - mean||^2 / N);
+    the starting value when `l1_target_l0` is set."""
+
+    l1_target_l0: float | None = None
+    """'relu': adapt lambda multiplicatively towards this mean L0 during the first `l1_calibration` of the
+    run, then hold it fixed (how the baseline's lambda is chosen per k)."""
+
+    l1_calibration: float = 0.5
+    """Fraction of max_tokens during which lambda is adapted (the trainer needs max_tokens for it)."""
+
+    l1_adapt_rate: float = 0.01
+    """Per step, lambda *= (L0 / l1_target_l0) ** l1_adapt_rate while calibrating."""
+
+    lr: float | None = None
+    """Adam learning rate, constant; None means 2e-4 / sqrt(n_latents / 2**14) (the paper's 1/sqrt(n) law)."""
+
+    adam_beta1: float = 0.9
+    """Adam's beta1."""
+
+    adam_beta2: float = 0.999
+    """Adam's beta2."""
+
+    adam_eps: float = 6.25e-10
+    """Adam's epsilon."""
+
+    batch_size: int = 4096
+    """Tokens per optimizer step (incoming batches are re-cut to this size)."""
+
+    max_tokens: int | None = None
+    """Stop at the first step boundary at or past this many tokens; None trains until the stream ends."""
+
+    input_normalization: str = "layer_norm"
+    """Per-token input map: 'layer_norm' u = (x - mean_d x) / (std_d x + 1e-5) with the unbiased std
+    (OpenAI's TopK SAEs); 'token_norm' u = x sqrt(d) / ||x||; 'none'."""
+
+    geometric_median_tokens: int = 16384
+    """Tokens from the stream's start whose geometric median initialises b_pre (they are trained on too)."""
+
+    seed: int = 0
+    """Seed of the initialisation."""
+
+    device: str = "cpu"
+    """Torch device to train on ('cpu', 'cuda', 'cuda:1', 'mps', ...)."""
+
+    dtype: str = "float32"
+    """Parameter and compute dtype ('float32' or 'float64')."""
+
+    sparse_backward: bool = True
+    """'topk': back-propagate through the k selected latents only; False uses dense autograd (a reference)."""
+
+    chunk_elements: int = 1 << 24
+    """Largest (tokens x n_latents) block of dense pre-activations held at once; bounds memory."""
+
+    log_every: int = 50
+    """Steps between log lines (nmse, L0, dead fraction)."""
+
+    checkpoint_every: int = 1000
+    """Steps between checkpoints; 0 saves only at the end."""
+
+    def __post_init__(self):
+        if self.activation not in TRAIN_ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {TRAIN_ACTIVATIONS}")
+        if self.input_normalization not in TRAIN_NORMALIZATIONS:
+            raise ValueError(
+                f"unknown input normalisation {self.input_normalization!r}; "
+                f"expected one of {TRAIN_NORMALIZATIONS}"
+            )
+        if self.activation == "topk" and not 0 < self.k <= self.n_latents:
+            raise ValueError(f"TopK needs 0 < k <= n_latents, got k={self.k}, n_latents={self.n_latents}")
+        if self.multi_topk and 4 * self.k > self.n_latents:
+            raise ValueError(f"Multi-TopK needs 4k <= n_latents, got k={self.k}, n_latents={self.n_latents}")
+        if self.activation == "relu" and (self.auxk_alpha or self.multi_topk):
+            raise ValueError(
+                "AuxK and Multi-TopK apply to TopK SAEs: leave auxk_alpha and multi_topk unset for relu"
+            )
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+    def effective_auxk_alpha(self) -> float:
+        if self.auxk_alpha is not None:
+            return self.auxk_alpha
+        return 1 / 32 if self.activation == "topk" else 0.0
+
+    def effective_k_aux(self, d_in: int) -> int:
+        return self.k_aux if self.k_aux is not None else d_in // 2
+
+    def effective_dead_tokens(self) -> int:
+        """dead_tokens, capped for short runs at 5% of max_tokens (10M tokens is ~1% of the paper's runs),
+        and never below one batch."""
+        if self.max_tokens is None:
+            return self.dead_tokens
+        return max(self.batch_size, min(self.dead_tokens, self.max_tokens // 20))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

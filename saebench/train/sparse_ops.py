@@ -1,0 +1,141 @@
+"""Autograd through the k selected latents only: the trainer's sparse encoder and decoder.
+
+With indices I (N, m) of the selected latents per token:
+
+    encoder  a[t, j] = (u[t] - b_pre) . W_enc[I[t, j]] + b_enc[I[t, j]]      (W_enc stored (n, d))
+    decoder  y[t]    = sum_j z[t, j] W_dec[I[t, j]]
+
+Their gradients touch only the selected rows, so a step costs O(N m d) besides the dense forward matmul
+that chooses I (dense autograd would spend another two (N, n, d) matmuls in the backward):
+
+    encoder  dW_enc[i] = sum_{I[t,j]=i} g[t,j] (u[t] - b_pre)      db_enc[i] = sum_{I[t,j]=i} g[t,j]
+             du[t]     = sum_j g[t,j] W_enc[I[t,j]]                 db_pre    = -sum_t du[t]
+    decoder  dW_dec[i] = sum_{I[t,j]=i} z[t,j] G[t]                dz[t,j]   = G[t] . W_dec[I[t,j]]
+
+Two primitives cover all of them: `scatter_outer` (rows of dW; through the tokens in chunks with one
+reused buffer, so memory stays bounded whatever the batch) and `gathered_dot` (a dot product per selected
+latent: a sampled dense-dense matmul on the CSR pattern of I); sums of selected rows are `F.embedding_bag`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+#: largest (tokens x selected x d) block `scatter_outer` holds at once: 64 MiB in float32 (few, large
+#: ops: on a loaded machine every parallel region waits for its slowest thread)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_tokens(m: int, d: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, m * d))
+
+
+def scatter_outer(
+    indices: torch.Tensor, coeff: torch.Tensor, vectors: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """out (n_rows, d) with out[i] = sum over (t, j) with indices[t, j] == i of coeff[t, j] * vectors[t]."""
+    n_tokens, m = indices.shape
+    d = vectors.shape[1]
+    out = vectors.new_zeros(n_rows, d)
+    chunk = min(n_tokens, _chunk_tokens(m, d))
+    buffer = vectors.new_empty(chunk, m, d)
+    for start in range(0, n_tokens, chunk):
+        stop = min(n_tokens, start + chunk)
+        block = buffer[: stop - start]
+        torch.mul(coeff[start:stop, :, None], vectors[start:stop, None, :], out=block)
+        out.index_add_(0, indices[start:stop].reshape(-1), block.view(-1, d))
+    return out
+
+
+def gathered_dot(indices: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """out (N, m) with out[t, j] = rows[indices[t, j]] . vectors[t]; indices distinct within each token.
+
+    A sampled dense-dense matmul: (vectors @ rows^T) evaluated only at the CSR pattern of `indices`."""
+    n_tokens, m = indices.shape
+    order = indices.argsort(dim=1)
+    columns = indices.gather(1, order)
+    crow = torch.arange(0, n_tokens * m + 1, m, device=indices.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            columns.reshape(-1),
+            vectors.new_zeros(n_tokens * m),
+            (n_tokens, rows.shape[0]),
+            check_invariants=False,
+        )
+    sampled = torch.sparse.sampled_addmm(pattern, vectors, rows.T, beta=0.0).values().view(n_tokens, m)
+    return torch.empty_like(sampled).scatter_(1, order, sampled)
+
+
+class SelectedPreactivations(torch.autograd.Function):
+    """a[t, j] = (u[t] - b_pre) . W_enc[I[t, j]] + b_enc[I[t, j]], with gradients through the selected rows.
+
+    `values`, when given, must equal that forward result (the trainer has it from the dense pre-activations
+    it picked I from, so the forward costs nothing); pass None to compute it here.
+    """
+
+    @staticmethod
+    def forward(ctx, u, b_pre, W_enc, b_enc, indices, values=None):
+        centred = u - b_pre
+        if values is None:
+            values = gathered_dot(indices, W_enc, centred) + b_enc[indices]
+        else:
+            values = values.clone()
+        ctx.save_for_backward(centred, W_enc, indices)
+        ctx.mark_non_differentiable(indices)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        centred, W_enc, indices = ctx.saved_tensors
+        need_u, need_b_pre, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_u = grad_b_pre = grad_w = grad_b = None
+        grad = grad.contiguous()
+        if need_b or need_b_pre:
+            # per-latent sums of g: db_enc, and db_pre = -W_enc^T db_enc without an (N, d) intermediate
+            per_latent = grad.new_zeros(W_enc.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+            grad_b = per_latent if need_b else None
+            grad_b_pre = -(per_latent @ W_enc) if need_b_pre else None
+        if need_u:
+            grad_u = F.embedding_bag(indices, W_enc, per_sample_weights=grad, mode="sum")
+        if need_w:
+            grad_w = scatter_outer(indices, grad, centred, W_enc.shape[0])
+        return grad_u, grad_b_pre, grad_w, grad_b, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """y[t] = sum_j z[t, j] W_dec[I[t, j]] (no bias), with gradients through the selected rows only."""
+
+    @staticmethod
+    def forward(ctx, indices, z, W_dec):
+        ctx.save_for_backward(indices, z, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=z, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices, z, W_dec = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_z = gathered_dot(indices, W_dec, grad) if ctx.needs_input_grad[1] else None
+        grad_w = scatter_outer(indices, z, grad, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
+        return None, grad_z, grad_w
+
+
+def selected_preactivations(
+    u: torch.Tensor,
+    b_pre: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """See `SelectedPreactivations`."""
+    return SelectedPreactivations.apply(u, b_pre, W_enc, b_enc, indices, values)
+
+
+def sparse_decode(indices: torch.Tensor, z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """See `SparseDecode`."""
+    return SparseDecode.apply(indices, z, W_dec)

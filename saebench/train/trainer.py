@@ -1,0 +1,291 @@
+"""The reference trainer: `Trainer(config, d_in).fit(batches)` on a stream of (tokens, d) activations.
+
+One step on a batch x of `batch_size` tokens:
+
+    u = normalize(x)                    (per token, recorded in the checkpoint's normalisation)
+    loss.backward()                     (see autoencoder.py for the losses)
+    W_dec.grad -= parallel components   (keeps the unit-norm constraint first order)
+    Adam step (constant lr)
+    W_dec rows <- unit norm
+    tokens_since_fired += N, reset to 0 for every latent active in the batch; dead = >= dead_tokens
+
+The first `geometric_median_tokens` tokens fix b_pre (their geometric median) before training on them.
+Checkpoints go to `out_dir`: the SAE in the native format in out_dir/sae (`save_native`, with the
+provenance; load it with `load_sae`) and the training state beside it, out_dir/training_state.pt
+(`state.py`); `Trainer.resume(out_dir)` carries on from the last one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..sae.sae import SAE, Normalization, SAEInfo
+from .autoencoder import TrainableSAE
+from .batches import rebatch
+from .config import TrainConfig
+from .geometric_median import geometric_median
+from .state import read_state, write_state
+
+#: the SAE's folder inside a run's out_dir
+SAE_FOLDER = "sae"
+
+
+class StepStats(NamedTuple):
+    """What one optimizer step measured (tensors on the training device, read them at log time)."""
+
+    loss: torch.Tensor
+    nmse: torch.Tensor
+    l0: torch.Tensor
+    auxk_nmse: torch.Tensor
+    l1: torch.Tensor
+
+
+class Trainer:
+    """Trains one SAE; see the module docstring."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        d_in: int,
+        *,
+        out_dir: str | Path | None = None,
+        info: SAEInfo | None = None,
+    ):
+        if config.l1_target_l0 is not None and config.max_tokens is None:
+            raise ValueError("l1_target_l0 calibrates lambda over a fraction of the run: set max_tokens")
+        self.config = config
+        self.d_in = d_in
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.info = info or SAEInfo()
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.normalization = Normalization(kind=config.input_normalization)
+        self.model = TrainableSAE(config, d_in)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=config.effective_lr(),
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_eps,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.dead_tokens = config.effective_dead_tokens()
+        self.tokens_since_fired = torch.zeros(config.n_latents, dtype=torch.int64, device=self.device)
+        self.initialized = False
+        self.step = 0
+        self.tokens_seen = 0
+        self.wall_time_s = 0.0
+        #: one dict per log line: step, tokens, loss, nmse, l0, auxk_nmse, l1, l1_coefficient, dead_frac
+        self.history: list[dict] = []
+        self._window: list[StepStats] = []
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def fit(self, batches: Iterable[torch.Tensor], *, skip_seen: bool = True, progress: bool = True) -> SAE:
+        """Train on `batches` until max_tokens or the stream's end, checkpointing to out_dir; return the SAE.
+
+        After `resume`, pass the same stream from its start: the `step` batches already trained on are
+        skipped (skip_seen=False when the stream is already positioned past them).
+        """
+        stream = rebatch(batches, self.config.batch_size)
+        if skip_seen and self.step:
+            stream = itertools.islice(stream, self.step, None)
+        if not self.initialized:
+            head, count = [], 0
+            for x in stream:
+                head.append(x)
+                count += x.shape[0]
+                if count >= self.config.geometric_median_tokens:
+                    break
+            if not head:
+                raise ValueError("the activation stream is empty: nothing to initialise or train on")
+            self.initialize(torch.cat(head)[: self.config.geometric_median_tokens])
+            stream = itertools.chain(head, stream)
+        total = math.ceil(self.config.max_tokens / self.config.batch_size) if self.config.max_tokens else None
+        bar = tqdm(total=total, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            for x in stream:
+                if self.finished:
+                    break
+                self._window.append(self.train_step(x))
+                bar.update(1)
+                if self.step % self.config.log_every == 0:
+                    bar.set_postfix(self._log(), refresh=False)
+                if self.out_dir is not None and self.config.checkpoint_every:
+                    if self.step % self.config.checkpoint_every == 0:
+                        self.wall_time_s += time.perf_counter() - started
+                        started = time.perf_counter()
+                        self.save_checkpoint()
+        finally:
+            bar.close()
+        self.wall_time_s += time.perf_counter() - started
+        if self._window:
+            self._log()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        return self.to_sae()
+
+    @property
+    def finished(self) -> bool:
+        return self.config.max_tokens is not None and self.tokens_seen >= self.config.max_tokens
+
+    @torch.no_grad()
+    def initialize(self, sample: torch.Tensor) -> None:
+        """b_pre = geometric median of the normalised sample; decoder/encoder from the seeded generator."""
+        u, _ = self.normalization.apply(sample.to(self.device, torch.float64))
+        self.model.initialize(geometric_median(u), self.generator)
+        self.initialized = True
+
+    def train_step(self, x: torch.Tensor) -> StepStats:
+        """One optimizer step on raw activations x (tokens, d)."""
+        if not self.initialized:
+            raise RuntimeError("call initialize(sample) (or fit) before train_step")
+        x = x.to(self.device, self.dtype)
+        u, _ = self.normalization.apply(x)
+        n_tokens = u.shape[0]
+        total_variance = (u - u.mean(0)).pow(2).sum()
+        if self.config.activation == "relu":
+            # dense latents: back-propagate chunk by chunk so that memory stays bounded; each chunk's loss
+            # is its share of the batch loss (sums over the batch's variance and token count)
+            chunk = max(1, self.config.chunk_elements // self.config.n_latents)
+            fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=self.device)
+            sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+            for part in u.split(chunk):
+                out = self.model(part, total_variance=total_variance, n_tokens=n_tokens)
+                out.loss.backward()
+                fired |= out.fired
+                share = part.shape[0] / n_tokens
+                sums += torch.stack(
+                    [out.loss.detach(), out.nmse.detach(), out.l0 * share, out.auxk_nmse, out.l1.detach()]
+                )
+            stats = StepStats(*sums.unbind())
+        else:
+            dead = self.tokens_since_fired >= self.dead_tokens
+            out = self.model(u, dead=dead, total_variance=total_variance)
+            out.loss.backward()
+            fired = out.fired
+            stats = StepStats(
+                out.loss.detach(), out.nmse.detach(), out.l0, out.auxk_nmse.detach(), out.l1.detach()
+            )
+        self.model.project_decoder_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.normalize_decoder()
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        self.step += 1
+        self.tokens_seen += n_tokens
+        if self.config.l1_target_l0 is not None and self.tokens_seen <= self._calibration_tokens():
+            # multiplicative controller on lambda: L0 above target -> larger lambda
+            ratio = float(stats.l0.clamp_min(0.1)) / self.config.l1_target_l0
+            self.model.l1_coefficient *= ratio**self.config.l1_adapt_rate
+        return stats
+
+    def _calibration_tokens(self) -> float:
+        return self.config.l1_calibration * (self.config.max_tokens or 0)
+
+    def _log(self) -> dict:
+        window = StepStats(*(torch.stack(column).mean() for column in zip(*self._window, strict=True)))
+        self._window = []
+        row = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            **{name: float(value) for name, value in window._asdict().items()},
+            "l1_coefficient": self.model.l1_coefficient,
+            "dead_frac": self.dead_fraction(),
+        }
+        self.history.append(row)
+        return {"nmse": f"{row['nmse']:.4f}", "L0": f"{row['l0']:.1f}", "dead": f"{row['dead_frac']:.3f}"}
+
+    def dead_fraction(self) -> float:
+        """Fraction of latents that have not fired for `dead_tokens` tokens."""
+        return float((self.tokens_since_fired >= self.dead_tokens).double().mean())
+
+    # --- products -------------------------------------------------------------------------------------------
+    def to_sae(self) -> SAE:
+        """The internal SAE with the current weights and the input normalisation used in training."""
+        return self.model.to_sae(replace(self.normalization), replace(self.info, extra=dict(self.info.extra)))
+
+    def provenance(self) -> dict:
+        """What `save_native` records under `training`."""
+        last = self.history[-1] if self.history else {}
+        return {
+            "trainer": "saebench.train",
+            "saebench_version": __version__,
+            "torch_version": torch.__version__,
+            "config": self.config.to_dict(),
+            "lr": self.config.effective_lr(),
+            "k_aux": self.model.k_aux,
+            "auxk_alpha": self.model.auxk_alpha,
+            "dead_tokens": self.dead_tokens,
+            "l1_coefficient": self.model.l1_coefficient,
+            "input_normalization": self.normalization.to_dict(),
+            "seed": self.config.seed,
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "complete": self.finished,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "last_log": last,
+        }
+
+    @property
+    def sae_dir(self) -> Path | None:
+        """Where checkpoints put the SAE (native format)."""
+        return None if self.out_dir is None else self.out_dir / SAE_FOLDER
+
+    def save_checkpoint(self) -> Path:
+        """Training state (atomic) first, then the SAE folder (replaced atomically); returns that folder."""
+        from ..sae.formats.native import save_native
+
+        if self.out_dir is None:
+            raise ValueError("this trainer has no out_dir to save checkpoints to")
+        write_state(self.out_dir, self._state())
+        return save_native(self.to_sae(), self.sae_dir, training=self.provenance())
+
+    def _state(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "d_in": self.d_in,
+            "info": {key: value for key, value in asdict(self.info).items() if key != "extra"},
+            "model": {name: value.detach().cpu() for name, value in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "l1_coefficient": self.model.l1_coefficient,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "initialized": self.initialized,
+            "wall_time_s": self.wall_time_s,
+            "history": self.history,
+        }
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, *, device: str | None = None) -> Trainer:
+        """A trainer in the state of out_dir's last checkpoint (optionally moved to another device)."""
+        state = read_state(out_dir, map_location="cpu")
+        config = TrainConfig(**state["config"])
+        if device is not None:
+            config = replace(config, device=device)
+        trainer = cls(config, state["d_in"], out_dir=out_dir, info=SAEInfo(**state["info"]))
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.model.l1_coefficient = state["l1_coefficient"]
+        trainer.step = state["step"]
+        trainer.tokens_seen = state["tokens_seen"]
+        trainer.tokens_since_fired.copy_(state["tokens_since_fired"])
+        trainer.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        trainer.initialized = state["initialized"]
+        trainer.wall_time_s = state["wall_time_s"]
+        trainer.history = state["history"]
+        return trainer

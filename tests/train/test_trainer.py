@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+
+from saebench.sae.load import load_sae
+from saebench.train import TrainConfig, Trainer
+from saebench.train.batches import rebatch
+from saebench.train.state import STATE_FILE
+
+from .conftest import planted_batches
+
+D = 24
+
+
+def tiny(**overrides) -> TrainConfig:
+    base = dict(n_latents=96, k=4, batch_size=128, lr=3e-3, geometric_median_tokens=512, log_every=10)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_loss_decreases_and_decoder_stays_unit_norm():
+    data = planted_batches(60, 128, d=D)
+    trainer = Trainer(tiny(max_tokens=60 * 128), D)
+    sae = trainer.fit(data, progress=False)
+    first, last = trainer.history[0], trainer.history[-1]
+    assert last["nmse"] < 0.75 * first["nmse"]
+    assert last["l0"] == pytest.approx(4.0)
+    norms = trainer.model.W_dec.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+    assert trainer.step == 60 and trainer.tokens_seen == 60 * 128
+    assert sae.k == 4 and sae.normalization.kind == "layer_norm"
+
+
+def test_b_pre_is_the_geometric_median_and_encoder_is_tied_at_init():
+    data = planted_batches(4, 128, d=D)
+    trainer = Trainer(tiny(), D)
+    trainer.initialize(torch.cat(data))
+    u, _ = trainer.normalization.apply(torch.cat(data).double())
+    distance = lambda y: (u - y).norm(dim=1).sum()  # noqa: E731
+    b_pre = trainer.model.b_pre.detach().double()
+    assert distance(b_pre) < distance(u.mean(0))
+    assert torch.equal(trainer.model.W_enc, trainer.model.W_dec)
+    untied = Trainer(tiny(tied_init=False), D)
+    untied.initialize(torch.cat(data))
+    assert not torch.allclose(untied.model.W_enc, untied.model.W_dec)
+
+
+def _revived(auxk_alpha: float) -> int:
+    data = planted_batches(80, 128, d=D, seed=2)
+    config = tiny(max_tokens=80 * 128, auxk_alpha=auxk_alpha, dead_tokens=256, n_latents=64)
+    trainer = Trainer(config, D)
+    trainer.initialize(torch.cat(data[:4]))
+    forced = torch.arange(16)
+    with torch.no_grad():
+        trainer.model.W_enc[forced] *= 0.02  # tiny pre-activations: never among the top k
+    trainer.fit(data, progress=False)
+    eval_x = torch.cat(planted_batches(8, 128, d=D, seed=3))
+    codes = trainer.to_sae().encode_sparse(trainer.normalization.apply(eval_x)[0])
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[codes.indices[codes.values > 0]] = True
+    return int(fired[forced].sum())
+
+
+def test_auxk_revives_latents_forced_dead():
+    assert _revived(auxk_alpha=0.0) == 0
+    assert _revived(auxk_alpha=1 / 32) >= 14
+
+
+class Killed(Exception):
+    pass
+
+
+def _killed_after(batches, n):
+    for i, batch in enumerate(batches):
+        if i == n:
+            raise Killed
+        yield batch
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    data = planted_batches(20, 128, d=D, seed=4)
+    config = tiny(max_tokens=20 * 128, checkpoint_every=3, dead_tokens=512)
+    reference = Trainer(config, D)
+    reference.fit(data, progress=False)
+
+    with pytest.raises(Killed):
+        Trainer(config, D, out_dir=tmp_path).fit(_killed_after(data, 11), progress=False)
+    resumed = Trainer.resume(tmp_path)
+    assert resumed.step == 9 and resumed.tokens_seen == 9 * 128
+    resumed.fit(data, progress=False)
+    assert resumed.step == reference.step
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    assert torch.equal(resumed.tokens_since_fired, reference.tokens_since_fired)
+
+
+def test_checkpoint_loads_and_reproduces_the_trainer(tmp_path):
+    data = planted_batches(10, 128, d=D, seed=5)
+    trainer = Trainer(tiny(max_tokens=10 * 128, seed=7), D, out_dir=tmp_path)
+    trainer.fit(data, progress=False)
+    assert (tmp_path / STATE_FILE).is_file()
+    sae = load_sae(trainer.sae_dir)
+    x = torch.cat(planted_batches(2, 128, d=D, seed=6))
+    u, state = trainer.normalization.apply(x)
+    with torch.no_grad():
+        out = trainer.model(u)
+        rec = sae.reconstruct(x)
+    torch.testing.assert_close(rec.u_hat, out.u_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec.x_hat, trainer.normalization.undo(out.u_hat, state), rtol=1e-5, atol=1e-5)
+    cfg = json.loads((trainer.sae_dir / "cfg.json").read_text())
+    training = cfg["training"]
+    assert training["tokens_seen"] == 10 * 128 and training["seed"] == 7 and training["complete"]
+    assert training["config"]["n_latents"] == 96 and training["lr"] == 3e-3
+    assert cfg["normalization"]["kind"] == "layer_norm" and cfg["k"] == 4
+
+
+def test_relu_baseline_learns_and_calibrates_lambda_towards_target_l0():
+    data = planted_batches(40, 128, d=D, seed=8)
+    config = tiny(activation="relu", max_tokens=40 * 128, l1_target_l0=4)
+    trainer = Trainer(config, D)
+    trainer.fit(data, progress=False)
+    history = trainer.history
+    # L0 starts far above 4, so lambda rises while calibrating (first half) and is then held fixed
+    assert history[0]["l0"] > 8
+    assert history[1]["l1_coefficient"] > config.l1_coefficient
+    assert history[-1]["l1_coefficient"] == history[-2]["l1_coefficient"]
+    assert history[-1]["l0"] < 0.85 * history[0]["l0"]
+    assert history[-1]["nmse"] < 0.5 * history[0]["nmse"]
+
+
+def test_relu_chunked_backward_equals_one_chunk():
+    data = planted_batches(3, 128, d=D, seed=9)
+    runs = []
+    for chunk_elements in (96 * 128, 96 * 10):
+        trainer = Trainer(tiny(activation="relu", chunk_elements=chunk_elements, dtype="float64"), D)
+        trainer.fit(data, progress=False)
+        runs.append(trainer.model.state_dict())
+    for name, value in runs[0].items():
+        torch.testing.assert_close(runs[1][name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_rebatch_recuts_in_order():
+    parts = [torch.arange(i, i + n).float()[:, None] for i, n in ((0, 5), (5, 1), (6, 9))]
+    out = list(rebatch(parts, 4))
+    assert [b.shape[0] for b in out] == [4, 4, 4, 3]
+    assert torch.equal(torch.cat(out), torch.arange(15).float()[:, None])
+
+
+def test_config_round_trips_and_rejects_bad_values():
+    config = tiny(multi_topk=True)
+    assert TrainConfig(**json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig(n_latents=4 * 16384).effective_lr() == pytest.approx(1e-4)
+    assert TrainConfig(max_tokens=100_000_000).effective_dead_tokens() == 5_000_000
+    assert TrainConfig().effective_dead_tokens() == 10_000_000
+    with pytest.raises(ValueError, match="AuxK"):
+        TrainConfig(activation="relu", auxk_alpha=0.1)
+    with pytest.raises(ValueError, match="k <= n_latents"):
+        TrainConfig(k=10, n_latents=8)
+    with pytest.raises(ValueError, match="max_tokens"):
+        Trainer(TrainConfig(activation="relu", l1_target_l0=8), 16)
