@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from saebench.data.cache import cache_root
 from saebench.model.aliases import ALIASES, DEFAULT_MODEL, Alias
 from saebench.model.subject import SubjectModel
 
@@ -36,11 +37,6 @@ class ModelLoadError(ValueError):
 def default_layer(n_layers: int) -> int:
     """The default site: the residual after block round(0.75 * n_layers) - 1 (GPT-2 small: 8; SmolLM2: 21)."""
     return round(0.75 * n_layers) - 1
-
-
-def cache_root() -> Path:
-    """`$SAEBENCH_CACHE`, else `~/.cache/saebench`."""
-    return Path(os.environ.get("SAEBENCH_CACHE") or Path.home() / ".cache" / "saebench").expanduser()
 
 
 def _local_folder(name: str) -> Path | None:
