@@ -44,7 +44,7 @@ def naive_downstream(ctx, sae, n_windows: int) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for start in range(0, n_windows, ctx.downstream_batch):
-                batch = ids[start: start + ctx.downstream_batch]
+                batch = ids[start : start + ctx.downstream_batch]
                 for replace in (None, lambda h: sae(h), torch.zeros_like):
                     mode["replace"] = replace
                     logits = model.hf_model(input_ids=batch, use_cache=False).logits
@@ -65,8 +65,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     out = tempfile.mkdtemp(prefix="saebench-bench-")
-    cfg = RunConfig(checkpoint="", metrics=["core", "downstream"], eval=EvalConfig(model=args.model,
-                    n_tokens=args.n_tokens), out=out, force=True)
+    cfg = RunConfig(
+        checkpoint="",
+        metrics=["core", "downstream"],
+        eval=EvalConfig(model=args.model, n_tokens=args.n_tokens),
+        out=out,
+        force=True,
+    )
     runner = Runner(cfg)
     ckpt = Checkpoint(f"builtin:random-topk:n={args.n_latents},k=32", "bench")
 
@@ -75,8 +80,10 @@ def main() -> None:
     _ = ctx.resid, ctx.clean
     t_caches = time.perf_counter() - t0
     n_windows, tokens = len(ctx.windows), len(ctx.windows) * (ctx.config.ctx - 1)
-    print(f"model {args.model}, layer {ctx.layer}, {n_windows} windows x {ctx.config.ctx} = {tokens} eval tokens, "
-          f"SAE {sae.n_latents} latents k={sae.k}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}, layer {ctx.layer}, {n_windows} windows x {ctx.config.ctx} = {tokens} tokens, "
+        f"SAE {sae.n_latents} latents k={sae.k}, {torch.get_num_threads()} threads"
+    )
     print(f"caches (model load, windows, residuals, clean + zero pass; warm if run before): {t_caches:.1f} s")
 
     # a second checkpoint on warm caches: a different random dictionary
@@ -91,22 +98,28 @@ def main() -> None:
         metric.compute(ctx2, sae2, metric.params())
         timings[name] = time.perf_counter() - t0
     total = t_load + sum(timings.values())
-    print(f"second checkpoint, warm caches: load {t_load:.1f} s + core {timings['core']:.1f} s + downstream "
-          f"{timings['downstream']:.1f} s = {total:.1f} s  (target < 60 s)")
+    print(
+        f"second checkpoint, warm caches: load {t_load:.1f} s + core {timings['core']:.1f} s + downstream "
+        f"{timings['downstream']:.1f} s = {total:.1f} s  (target < 60 s)"
+    )
 
     ctx2.forget(sae2)
     t0 = time.perf_counter()
     get_metric("downstream").compute(ctx2, sae2, get_metric("downstream").params())
     ours = (time.perf_counter() - t0) / n_windows
     naive = naive_downstream(ctx2, sae2, min(args.naive_windows, n_windows))
-    print(f"downstream per window: ours {ours * 1e3:.1f} ms (SAE encode included), naive 3 full passes "
-          f"{naive * 1e3:.1f} ms -> ratio {ours / naive:.3f}  (target <= 0.35)")
+    print(
+        f"downstream per window: ours {ours * 1e3:.1f} ms (SAE encode included), naive 3 full passes "
+        f"{naive * 1e3:.1f} ms -> ratio {ours / naive:.3f}  (target <= 0.35)"
+    )
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     x_hat_mb = tokens * sae.d_in * 4 / 2**20
     dense_mb = tokens * sae.n_latents * 4 / 2**20
-    print(f"peak RSS {rss:.0f} MB; per-SAE reconstruction kept: {x_hat_mb:.0f} MB (tokens x d); a dense "
-          f"tokens x latents array would be {dense_mb:.0f} MB and is never built (chunks of 512 tokens)")
+    print(
+        f"peak RSS {rss:.0f} MB; per-SAE reconstruction kept: {x_hat_mb:.0f} MB (tokens x d); a dense "
+        f"tokens x latents array would be {dense_mb:.0f} MB and is never built (chunks of 512 tokens)"
+    )
 
 
 if __name__ == "__main__":

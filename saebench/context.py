@@ -19,7 +19,12 @@ import torch
 from saebench.data.cache import Store, cache_root
 from saebench.model.subject import SubjectModel
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -121,7 +126,11 @@ class EvalContext:
     @property
     def data_key(self) -> dict:
         """What an evaluation result depends on besides the checkpoint and the metric's parameters."""
-        return {**self.site_key, "n_tokens": self.config.n_tokens, "exclude_special": self.config.exclude_special}
+        return {
+            **self.site_key,
+            "n_tokens": self.config.n_tokens,
+            "exclude_special": self.config.exclude_special,
+        }
 
     def store(self, kind: str, extra: dict | None = None) -> Store:
         root = cache_root() if self.config.cache_dir is None else Path(self.config.cache_dir)
@@ -142,8 +151,15 @@ class EvalContext:
 
             m = self.model
             tokens = make_windows(
-                self.documents, m.tokenizer, bos_id=m.bos_id, eos_id=m.eos_id, ctx=self.config.ctx,
-                n_windows=n_windows, split=split, seed=self.config.seed, start=start,
+                self.documents,
+                m.tokenizer,
+                bos_id=m.bos_id,
+                eos_id=m.eos_id,
+                ctx=self.config.ctx,
+                n_windows=n_windows,
+                split=split,
+                seed=self.config.seed,
+                start=start,
             )
             store.save("tokens", tokens.numpy().astype(np.int64))
         return store.load("tokens", mmap=False)
@@ -162,8 +178,9 @@ class EvalContext:
                 h = self.model.to_site(ids, self.layer)
             return {"resid": h.float().cpu().numpy()}
 
-        return store.collect(("resid",), len(windows), self.config.batch_size, produce,
-                             desc=f"residuals at the site ({split})")["resid"]
+        return store.collect(
+            ("resid",), len(windows), self.config.batch_size, produce, desc=f"residuals at the site ({split})"
+        )["resid"]
 
     @cached_property
     def windows(self) -> np.ndarray:
@@ -210,7 +227,9 @@ class EvalContext:
                  clean and with the site's residual zeroed at the scored positions (`mask`).
         """
         windows, resid, mask = self.windows, self.resid, self.mask
-        store = self.store("eval-downstream", {"n_windows": len(windows), "exclude_special": self.config.exclude_special})
+        store = self.store(
+            "eval-downstream", {"n_windows": len(windows), "exclude_special": self.config.exclude_special}
+        )
 
         def produce(start: int, stop: int) -> dict[str, np.ndarray]:
             ids = torch.from_numpy(windows[start:stop]).to(self.device)
@@ -221,15 +240,22 @@ class EvalContext:
                 ce_clean = token_ce(self.model.logits(final[:, 1:-1]), targets)
                 zeroed = h.clone()
                 zeroed[:, 1:][torch.from_numpy(mask[start:stop]).to(self.device)] = 0
-                ce_zero = token_ce(self.model.logits(self.model.from_site(zeroed, self.layer)[:, 1:-1]), targets)
+                ce_zero = token_ce(
+                    self.model.logits(self.model.from_site(zeroed, self.layer)[:, 1:-1]), targets
+                )
             return {
                 "final": final.float().cpu().numpy(),
                 "ce_clean": ce_clean.double().cpu().numpy(),
                 "ce_zero": ce_zero.double().cpu().numpy(),
             }
 
-        return store.collect(("final", "ce_clean", "ce_zero"), len(windows), self.downstream_batch, produce,
-                             desc="clean and zero-ablated pass")
+        return store.collect(
+            ("final", "ce_clean", "ce_zero"),
+            len(windows),
+            self.downstream_batch,
+            produce,
+            desc="clean and zero-ablated pass",
+        )
 
     @property
     def downstream_batch(self) -> int:
@@ -261,7 +287,7 @@ class EvalContext:
             parts = []
             with torch.inference_mode():
                 for i in range(0, flat.shape[0], chunk_tokens):
-                    parts.append(sae.reconstruct(flat[i: i + chunk_tokens]))
+                    parts.append(sae.reconstruct(flat[i : i + chunk_tokens]))
             width = max(p.codes.indices.shape[1] for p in parts)
 
             def pad(t, w=width):
@@ -271,8 +297,10 @@ class EvalContext:
                 torch.cat([p.u for p in parts]),
                 torch.cat([p.u_hat for p in parts]),
                 torch.cat([p.x_hat for p in parts]),
-                SparseCodes(torch.cat([pad(p.codes.indices) for p in parts]),
-                            torch.cat([pad(p.codes.values) for p in parts])),
+                SparseCodes(
+                    torch.cat([pad(p.codes.indices) for p in parts]),
+                    torch.cat([pad(p.codes.values) for p in parts]),
+                ),
             )
             memo[start] = rec.x_hat.reshape(x.shape).cpu()
             yield start, stop, x, rec
@@ -285,7 +313,7 @@ class EvalContext:
             hit = next((s for s in memo if s <= at < s + len(memo[s])), None)
             if hit is None:
                 break
-            pieces.append(memo[hit][at - hit: stop - hit])
+            pieces.append(memo[hit][at - hit : stop - hit])
             at = hit + len(memo[hit])
         if at >= stop:
             return torch.cat(pieces).to(self.device)

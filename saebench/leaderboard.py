@@ -62,7 +62,9 @@ def columns(rows: list[Row]) -> list[tuple[str, str]]:
     from saebench.metrics.registry import metric_names
 
     order = metric_names()
-    metrics = sorted({m for r in rows for m in r.headline}, key=lambda m: (order.index(m) if m in order else 99, m))
+    metrics = sorted(
+        {m for r in rows for m in r.headline}, key=lambda m: (order.index(m) if m in order else 99, m)
+    )
     cols = []
     for m in metrics:
         names = next(r.headline[m] for r in rows if m in r.headline)
@@ -79,8 +81,13 @@ def table(rows: list[Row], sort: str | None = None) -> str:
         if (metric, name) not in cols:
             raise ValueError(f"cannot sort by {sort!r}; available: {', '.join(f'{m}.{n}' for m, n in cols)}")
         descending = sort not in {key for r in rows for key in r.lower_is_better}
-        rows = sorted(rows, key=lambda r: (r.get(metric, name) is None,
-                                           -(r.get(metric, name) or 0) if descending else (r.get(metric, name) or 0)))
+        rows = sorted(
+            rows,
+            key=lambda r: (
+                r.get(metric, name) is None,
+                -(r.get(metric, name) or 0) if descending else (r.get(metric, name) or 0),
+            ),
+        )
     headers = ["checkpoint", "arch", "n", "k", *[f"{m}.{n}" for m, n in cols]]
     body = []
     for r in rows:
@@ -148,8 +155,10 @@ def claim_dead_latents(rows: list[Row]) -> str:
     if not with_aux:
         return "not measured: needs TopK checkpoints with core results"
     worst = max(with_aux, key=lambda r: r.get("core", "dead_frac"))
-    text = (f"TopK with AuxK and tied init: dead fraction at most {worst.get('core', 'dead_frac'):.4f} "
-            f"({worst.label}) over {len(with_aux)} checkpoints")
+    text = (
+        f"TopK with AuxK and tied init: dead fraction at most {worst.get('core', 'dead_frac'):.4f} "
+        f"({worst.label}) over {len(with_aux)} checkpoints"
+    )
     for r in without:
         text += f"; {r.label} ({r.family}): {r.get('core', 'dead_frac'):.4f}"
     return text
@@ -159,18 +168,20 @@ def fit_power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Least-squares fit of y = a n^b + c (c >= 0), by a grid over b and linear least squares for a, c."""
     best = None
     for b in np.linspace(-2.0, -0.01, 400):
-        A = np.stack([n ** b, np.ones_like(n)], 1)
+        A = np.stack([n**b, np.ones_like(n)], 1)
         (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
         if c < 0:
             a, c = float(np.linalg.lstsq(A[:, :1], y, rcond=None)[0][0]), 0.0
-        err = float(((a * n ** b + c - y) ** 2).sum())
+        err = float(((a * n**b + c - y) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, float(a), float(b), float(c))
     return best[1], best[2], best[3]
 
 
 def claim_power_law(rows: list[Row]) -> str:
-    topk = [r for r in rows if r.family == "topk" and r.get("core", "nmse") is not None and r.checkpoint.get("k")]
+    topk = [
+        r for r in rows if r.family == "topk" and r.get("core", "nmse") is not None and r.checkpoint.get("k")
+    ]
     by_k: dict[int, list[Row]] = {}
     for r in topk:
         by_k.setdefault(int(r.checkpoint["k"]), []).append(r)
@@ -196,9 +207,11 @@ def plots(rows: list[Row], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    specs = [("nmse_vs_l0.png", ("core", "nmse"), "nmse (SAE space)"),
-             ("delta_ce_vs_l0.png", ("downstream", "delta_ce"), "delta CE (nats/token)"),
-             ("probe_loss_vs_l0.png", ("probes", "probe_loss"), "probe loss (nats)")]
+    specs = [
+        ("nmse_vs_l0.png", ("core", "nmse"), "nmse (SAE space)"),
+        ("delta_ce_vs_l0.png", ("downstream", "delta_ce"), "delta CE (nats/token)"),
+        ("probe_loss_vs_l0.png", ("probes", "probe_loss"), "probe loss (nats)"),
+    ]
     families = sorted({r.family for r in rows})
     for name, y, ylabel in specs:
         if not any(r.get(*y) is not None and r.get("core", "l0") for r in rows):
@@ -241,7 +254,9 @@ def _save_fig(fig, path: Path) -> None:
 def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Path:
     rows = collect_rows(result_dirs)
     if not rows:
-        raise ValueError(f"no result files under {', '.join(map(str, result_dirs))}: run `saebench run` first")
+        raise ValueError(
+            f"no result files under {', '.join(map(str, result_dirs))}: run `saebench run` first"
+        )
     out.mkdir(parents=True, exist_ok=True)
     images = plots(rows, out)
     parts = [

@@ -41,7 +41,13 @@ def slug(text: str) -> str:
 
 def result_key(metric: str, version: int, params: dict, checkpoint_sha: str, data_key: dict) -> str:
     return key_digest(
-        {"metric": metric, "version": version, "params": params, "checkpoint": checkpoint_sha, "data": data_key}
+        {
+            "metric": metric,
+            "version": version,
+            "params": params,
+            "checkpoint": checkpoint_sha,
+            "data": data_key,
+        }
     )
 
 
@@ -63,7 +69,9 @@ def reusable(path: Path, key: str) -> dict | None:
 
 
 def write_result(path: Path, result: dict) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(result, indent=1, sort_keys=False, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(
+        Path(path), (json.dumps(result, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+    )
 
 
 def provenance(device: str, wall_time_s: float) -> dict:

@@ -91,9 +91,13 @@ def make_params(metric: Metric, overrides: dict) -> object:
     values = {}
     for name, raw in overrides.items():
         if name not in fields:
-            raise ValueError(f"metric {metric.name!r} has no parameter {name!r}; it has: {', '.join(fields) or 'none'}")
+            raise ValueError(
+                f"metric {metric.name!r} has no parameter {name!r}; it has: {', '.join(fields) or 'none'}"
+            )
         default = getattr(metric.params(), name)
-        values[name] = type(default)(raw) if default is not None and not isinstance(raw, type(default)) else raw
+        values[name] = (
+            type(default)(raw) if default is not None and not isinstance(raw, type(default)) else raw
+        )
     return metric.params(**values)
 
 
@@ -111,8 +115,11 @@ class Runner:
         if key not in self.contexts:
             cfg = dataclasses.replace(self.config.eval, model=model_name, layer=layer)
             shared = next(iter(self.contexts.values()), None)
-            model = self._model if self._model is not None else (
-                shared.model if shared is not None and shared.config.model == model_name else None)
+            model = (
+                self._model
+                if self._model is not None
+                else (shared.model if shared is not None and shared.config.model == model_name else None)
+            )
             self.contexts[key] = EvalContext(cfg, preloaded_model=model, model_identity=self._model_identity)
         return self.contexts[key]
 
@@ -132,12 +139,18 @@ class Runner:
             if sae.info.model_name and not cfg.model_given:
                 model_name = _known_model(sae.info.model_name, cfg.eval.model)
             elif sae.info.model_name and sae.info.model_name != cfg.eval.model:
-                warnings.warn(f"{ckpt.source} was trained on {sae.info.model_name!r}; evaluating on "
-                              f"{cfg.eval.model!r} as asked", stacklevel=2)
+                warnings.warn(
+                    f"{ckpt.source} was trained on {sae.info.model_name!r}; evaluating on "
+                    f"{cfg.eval.model!r} as asked",
+                    stacklevel=2,
+                )
             layer = cfg.eval.layer if cfg.eval.layer is not None else sae.info.layer
             if cfg.eval.layer is not None and sae.info.layer is not None and sae.info.layer != cfg.eval.layer:
-                warnings.warn(f"{ckpt.source} was trained at layer {sae.info.layer}; evaluating at layer "
-                              f"{cfg.eval.layer} as asked", stacklevel=2)
+                warnings.warn(
+                    f"{ckpt.source} was trained at layer {sae.info.layer}; evaluating at layer "
+                    f"{cfg.eval.layer} as asked",
+                    stacklevel=2,
+                )
             ctx = self.context_for(model_name, layer)
             check_width(sae, ctx.model.d_model)
         return sae.to(ctx.device, ctx.model.dtype).eval(), ctx
@@ -226,8 +239,11 @@ def summary_table(results: list[dict]) -> str:
             if col not in columns:
                 columns.append(col)
             row[col] = format_estimate(v)
-    return tabulate([[row.get(c, "") for c in ["checkpoint", *columns]] for row in rows.values()],
-                    headers=["checkpoint", *columns], tablefmt="github")
+    return tabulate(
+        [[row.get(c, "") for c in ["checkpoint", *columns]] for row in rows.values()],
+        headers=["checkpoint", *columns],
+        tablefmt="github",
+    )
 
 
 def format_estimate(v: dict) -> str:

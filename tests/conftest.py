@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
-WORDS = ("the cat sat on a mat while dogs ran past old trees near quiet rivers and bright hills under "
-         "grey skies people read books about ships cities music science and history every day").split()
+WORDS = (
+    "the cat sat on a mat while dogs ran past old trees near quiet rivers and bright hills under "
+    "grey skies people read books about ships cities music science and history every day"
+).split()
 
 
 def write_corpus(path, n_docs: int = 200, seed: int = 0):
@@ -36,8 +38,16 @@ def make_context(tmp_path, corpus_file, tiny_llama):
     from saebench.context import EvalConfig, EvalContext
 
     def make(**overrides):
-        cfg = EvalConfig(model="tiny", layer=1, corpus=str(corpus_file), n_tokens=12 * 15, ctx=16,
-                         batch_size=5, cache_dir=str(tmp_path / "cache"), **overrides)
+        cfg = EvalConfig(
+            model="tiny",
+            layer=1,
+            corpus=str(corpus_file),
+            n_tokens=12 * 15,
+            ctx=16,
+            batch_size=5,
+            cache_dir=str(tmp_path / "cache"),
+            **overrides,
+        )
         return EvalContext(cfg, preloaded_model=tiny_llama)
 
     return make
@@ -54,8 +64,16 @@ def random_sae(d: int, n: int, *, activation="topk", k=4, normalization="none", 
     b_enc = -0.5 * torch.rand(n, generator=g)
     b_dec = 0.1 * torch.randn(d, generator=g)
     threshold = 0.3 * torch.rand(n, generator=g) if activation == "jumprelu" else None
-    return SAE(W_enc, b_enc, W_dec, b_dec, activation=activation, k=k if activation == "topk" else None,
-               threshold=threshold, normalization=Normalization(normalization))
+    return SAE(
+        W_enc,
+        b_enc,
+        W_dec,
+        b_dec,
+        activation=activation,
+        k=k if activation == "topk" else None,
+        threshold=threshold,
+        normalization=Normalization(normalization),
+    )
 
 
 def identity_sae(d: int):

@@ -17,9 +17,28 @@ def model_folder(tmp_path_factory, tiny_llama):
 
 
 def run(args, tmp_path, corpus_file, model_folder):
-    return main(["run", *args, "--model", str(model_folder), "--layer", "1", "--corpus", str(corpus_file),
-                 "--n-tokens", "90", "--ctx", "16", "--batch-size", "4", "--out", str(tmp_path / "out"),
-                 "--cache-dir", str(tmp_path / "cache")])
+    return main(
+        [
+            "run",
+            *args,
+            "--model",
+            str(model_folder),
+            "--layer",
+            "1",
+            "--corpus",
+            str(corpus_file),
+            "--n-tokens",
+            "90",
+            "--ctx",
+            "16",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
 
 
 def test_run_folder_of_checkpoints(tmp_path, corpus_file, model_folder, capsys):
@@ -61,6 +80,10 @@ def test_width_mismatch_and_nan_weights_leave_no_results(tmp_path, corpus_file, 
 
 
 def test_unknown_metric(tmp_path, corpus_file, model_folder, capsys):
-    assert run(["--checkpoint", "builtin:pca-topk", "--tasks", "core,bogus"], tmp_path, corpus_file,
-               model_folder) == 2
+    assert (
+        run(
+            ["--checkpoint", "builtin:pca-topk", "--tasks", "core,bogus"], tmp_path, corpus_file, model_folder
+        )
+        == 2
+    )
     assert "unknown metric 'bogus'" in one_line_error(capsys)

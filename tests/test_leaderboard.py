@@ -9,19 +9,37 @@ from saebench.results import RESULT_SCHEMA
 
 
 def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None):
-    ck = {"label": label, "architecture": arch, "n_latents": n, "k": k, "sha256": label,
-          "training": {"variant": variant} if variant else None}
-    core = {"schema": RESULT_SCHEMA, "metric": "core", "checkpoint": ck, "headline": ["nmse", "l0", "dead_frac"],
-            "lower_is_better": ["nmse", "dead_frac"],
-            "values": {"nmse": {"value": nmse, "lo": nmse * 0.9, "hi": nmse * 1.1, "n": 10, "unit": "windows"},
-                       "l0": {"value": l0, "lo": l0, "hi": l0, "n": 10, "unit": "windows"},
-                       "dead_frac": {"value": dead, "lo": None, "hi": None, "n": n, "unit": "latents"}}}
+    ck = {
+        "label": label,
+        "architecture": arch,
+        "n_latents": n,
+        "k": k,
+        "sha256": label,
+        "training": {"variant": variant} if variant else None,
+    }
+    core = {
+        "schema": RESULT_SCHEMA,
+        "metric": "core",
+        "checkpoint": ck,
+        "headline": ["nmse", "l0", "dead_frac"],
+        "lower_is_better": ["nmse", "dead_frac"],
+        "values": {
+            "nmse": {"value": nmse, "lo": nmse * 0.9, "hi": nmse * 1.1, "n": 10, "unit": "windows"},
+            "l0": {"value": l0, "lo": l0, "hi": l0, "n": 10, "unit": "windows"},
+            "dead_frac": {"value": dead, "lo": None, "hi": None, "n": n, "unit": "latents"},
+        },
+    }
     (folder / label).mkdir(parents=True)
     (folder / label / "core.json").write_text(json.dumps(core))
     if delta_ce is not None:
-        down = {"schema": RESULT_SCHEMA, "metric": "downstream", "checkpoint": ck, "headline": ["delta_ce"],
-                "lower_is_better": ["delta_ce"],
-                "values": {"delta_ce": {"value": delta_ce, "lo": 0, "hi": 1, "n": 10, "unit": "windows"}}}
+        down = {
+            "schema": RESULT_SCHEMA,
+            "metric": "downstream",
+            "checkpoint": ck,
+            "headline": ["delta_ce"],
+            "lower_is_better": ["delta_ce"],
+            "values": {"delta_ce": {"value": delta_ce, "lo": 0, "hi": 1, "n": 10, "unit": "windows"}},
+        }
         (folder / label / "downstream.json").write_text(json.dumps(down))
 
 
@@ -29,7 +47,7 @@ def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None
 def results(tmp_path):
     r = tmp_path / "results"
     for n in (1024, 2048, 4096, 8192):
-        write(r, f"topk-n{n}-k32", "topk", n, 32, 0.05 + 3.0 * n ** -0.5, 32, 0.01, delta_ce=0.1)
+        write(r, f"topk-n{n}-k32", "topk", n, 32, 0.05 + 3.0 * n**-0.5, 32, 0.01, delta_ce=0.1)
     write(r, "topk-n1024-k16", "topk", 1024, 16, 0.2, 16, 0.02)
     write(r, "relu-n1024", "relu", 1024, None, 0.3, 24, 0.3)
     write(r, "topk-n1024-k32-plain", "topk", 1024, 32, 0.2, 32, 0.4, variant="no-auxk-no-tied-init")
@@ -50,7 +68,7 @@ def test_table_has_rows_columns_and_sorts(results):
 
 def test_power_law_fit_recovers_parameters():
     n = np.array([1024, 2048, 4096, 8192, 16384], dtype=float)
-    a, b, c = fit_power_law(n, 3.0 * n ** -0.5 + 0.05)
+    a, b, c = fit_power_law(n, 3.0 * n**-0.5 + 0.05)
     assert b == pytest.approx(-0.5, abs=0.01) and c == pytest.approx(0.05, abs=0.002)
     assert a == pytest.approx(3.0, rel=0.05)
 
@@ -62,7 +80,11 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     assert "TopK has the lower nmse at matched L0 for 1 of 1 ReLU checkpoints" in text
     assert "dead fraction at most 0.0200" in text and "no-auxk-no-tied-init" in text
     fit = re.search(r"k=32: nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+)", text)
-    assert fit and float(fit[2]) == pytest.approx(-0.5, abs=0.01) and float(fit[3]) == pytest.approx(0.05, abs=0.002)
+    assert (
+        fit
+        and float(fit[2]) == pytest.approx(-0.5, abs=0.01)
+        and float(fit[3]) == pytest.approx(0.05, abs=0.002)
+    )
     for png in ("nmse_vs_l0.png", "delta_ce_vs_l0.png", "dead_frac.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -8,10 +8,20 @@ from saebench.runner import RunConfig, Runner, summary_table
 
 def make_runner(tmp_path, corpus_file, model, checkpoint, metrics=("core", "downstream"), **kw):
     cfg = RunConfig(
-        checkpoint=checkpoint, metrics=list(metrics),
-        eval=EvalConfig(model="tiny", layer=1, corpus=str(corpus_file), n_tokens=8 * 15, ctx=16, batch_size=4,
-                        cache_dir=str(tmp_path / "cache")),
-        out=str(tmp_path / "results"), **kw)
+        checkpoint=checkpoint,
+        metrics=list(metrics),
+        eval=EvalConfig(
+            model="tiny",
+            layer=1,
+            corpus=str(corpus_file),
+            n_tokens=8 * 15,
+            ctx=16,
+            batch_size=4,
+            cache_dir=str(tmp_path / "cache"),
+        ),
+        out=str(tmp_path / "results"),
+        **kw,
+    )
     return Runner(cfg, model=model)
 
 
@@ -25,14 +35,20 @@ def test_builtin_pca_with_k_equal_d_is_exact(tmp_path, corpus_file, tiny_llama):
 
 
 def test_pca_beats_random_at_equal_k(tmp_path, corpus_file, tiny_llama):
-    pca = make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]).run()
-    rnd = make_runner(tmp_path, corpus_file, tiny_llama, "builtin:random-topk:k=4,n=128,fit_tokens=1500", metrics=["core"]).run()
+    pca = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]
+    ).run()
+    rnd = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:random-topk:k=4,n=128,fit_tokens=1500", metrics=["core"]
+    ).run()
     assert pca[0]["values"]["nmse"]["value"] < rnd[0]["values"]["nmse"]["value"]
     assert pca[0]["values"]["l0"]["value"] <= 4
 
 
 def test_result_files_reused_and_forced(tmp_path, corpus_file, tiny_llama):
-    runner = make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"])
+    runner = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]
+    )
     first = runner.run()[0]
     path = tmp_path / "results" / first["checkpoint"]["label"] / "core.json"
     saved = json.loads(path.read_text())
@@ -41,24 +57,47 @@ def test_result_files_reused_and_forced(tmp_path, corpus_file, tiny_llama):
         assert field in saved
     assert saved["checkpoint"]["sha256"] and saved["eval"]["layer"] == 1
     mtime = path.stat().st_mtime_ns
-    make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]).run()
+    make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]
+    ).run()
     assert path.stat().st_mtime_ns == mtime
-    make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"], force=True).run()
+    make_runner(
+        tmp_path,
+        corpus_file,
+        tiny_llama,
+        "builtin:pca-topk:k=4,fit_tokens=1500",
+        metrics=["core"],
+        force=True,
+    ).run()
     assert path.stat().st_mtime_ns != mtime
     table = summary_table([saved])
     assert "nmse" in table and first["checkpoint"]["label"] in table
 
 
 def test_changed_parameter_is_a_new_result(tmp_path, corpus_file, tiny_llama):
-    a = make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]).run()[0]
-    b = make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"],
-                    params={"core": {"dense_threshold": "0.5"}}).run()[0]
+    a = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=1500", metrics=["core"]
+    ).run()[0]
+    b = make_runner(
+        tmp_path,
+        corpus_file,
+        tiny_llama,
+        "builtin:pca-topk:k=4,fit_tokens=1500",
+        metrics=["core"],
+        params={"core": {"dense_threshold": "0.5"}},
+    ).run()[0]
     assert a["key"] != b["key"] and b["config"]["dense_threshold"] == 0.5
 
 
 def test_unknown_parameter_and_builtin_errors(tmp_path, corpus_file, tiny_llama):
     with pytest.raises(ValueError, match="has no parameter 'nope'"):
-        make_runner(tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:fit_tokens=1500", metrics=["core"],
-                    params={"core": {"nope": "1"}}).run()
+        make_runner(
+            tmp_path,
+            corpus_file,
+            tiny_llama,
+            "builtin:pca-topk:fit_tokens=1500",
+            metrics=["core"],
+            params={"core": {"nope": "1"}},
+        ).run()
     with pytest.raises(ValueError, match="unknown built-in baseline"):
         make_runner(tmp_path, corpus_file, tiny_llama, "builtin:kmeans").run()

@@ -6,7 +6,8 @@ with u the SAE-space input and x the raw residual:
     l0         = mean_t |{j : z_tj != 0}|
     nmse       = sum_t ||u_t - u_hat_t||^2 / sum_t ||u_t - mean(u)||^2          (SAE space)
     fvu_raw    = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2          (raw space)
-    dead_frac  = |{j : never active}| / n        dense_frac = |{j : active on > dense_threshold of tokens}| / n
+    dead_frac  = |{j : never active}| / n
+    dense_frac = |{j : active on more than dense_threshold of the tokens}| / n
     norm_ratio = mean_t ||x_hat_t|| / ||x_t||
 
 Sums are accumulated per window in float64; intervals resample windows (latents for the fractions).
@@ -42,9 +43,9 @@ class _SumOfSquaresAroundMean:
         """v: (b, tokens, d) for windows start.., keep: (b, tokens) which tokens count."""
         v = v.double() * keep.unsqueeze(-1)
         b = v.shape[0]
-        self.sq[start: start + b] += v.pow(2).sum((1, 2)).cpu().numpy()
-        self.vec[start: start + b] += v.sum(1).cpu().numpy()
-        self.count[start: start + b] += keep.sum(1).cpu().numpy()
+        self.sq[start : start + b] += v.pow(2).sum((1, 2)).cpu().numpy()
+        self.vec[start : start + b] += v.sum(1).cpu().numpy()
+        self.count[start : start + b] += keep.sum(1).cpu().numpy()
 
     def per_window(self) -> np.ndarray:
         mu = self.vec.sum(0) / self.count.sum()
@@ -59,8 +60,9 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
     fires = torch.zeros(n, dtype=torch.int64, device=ctx.device)
 
     batches = ctx.reconstruct_batches(sae)
-    for start, stop, x, rec in tqdm(batches, total=-(-n_windows // ctx.config.batch_size), desc="core",
-                                    leave=False, dynamic_ncols=True):
+    for start, stop, x, rec in tqdm(
+        batches, total=-(-n_windows // ctx.config.batch_size), desc="core", leave=False, dynamic_ncols=True
+    ):
         b, t = x.shape[:2]
         keep = torch.from_numpy(ctx.mask[start:stop]).to(ctx.device)
         w = keep.double()
@@ -90,8 +92,12 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
     }
     return MetricResult(
         values=values,
-        counts={"tokens": total, "windows": n_windows, "latents": n,
-                "excluded_special_tokens": int((~ctx.mask).sum())},
+        counts={
+            "tokens": total,
+            "windows": n_windows,
+            "latents": n,
+            "excluded_special_tokens": int((~ctx.mask).sum()),
+        },
         details={"firing_frequency_histogram": _log_histogram(freq)},
     )
 

@@ -44,7 +44,9 @@ def compute(ctx, sae, params: DownstreamParams) -> MetricResult:
         with torch.inference_mode():
             logits_spliced = model.logits(model.from_site(h, layer)[:, 1:-1])
             ce_spliced[start:stop] = token_ce(logits_spliced, ids[:, 2:]).double().sum(1).cpu().numpy()
-            final_clean = torch.from_numpy(np.array(clean["final"][start:stop, 1:-1])).to(ctx.device, model.dtype)
+            final_clean = torch.from_numpy(np.array(clean["final"][start:stop, 1:-1])).to(
+                ctx.device, model.dtype
+            )
             logp_clean = torch.log_softmax(model.logits(final_clean).float(), -1)
             logp_spliced = torch.log_softmax(logits_spliced.float(), -1)
             kl_tok = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)

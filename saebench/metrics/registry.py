@@ -45,7 +45,7 @@ class MetricResult:
             for part in (est.value, est.lo, est.hi):
                 if part is not None and not np.isfinite(part):
                     raise FloatingPointError(
-                        f"metric {metric!r} produced a non-finite {name} ({part}) for checkpoint {checkpoint}; "
+                        f"metric {metric!r} gave a non-finite {name} ({part}) for checkpoint {checkpoint}; "
                         "check the checkpoint's weights and the model dtype (try --dtype float32)"
                     )
 

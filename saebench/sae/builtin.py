@@ -47,10 +47,11 @@ def is_builtin(checkpoint: str) -> bool:
 
 
 def parse_builtin(checkpoint: str) -> BuiltinSpec:
-    body = str(checkpoint)[len(BUILTIN_PREFIX):]
+    body = str(checkpoint)[len(BUILTIN_PREFIX) :]
     name, _, opts = body.partition(":")
     if name not in BUILDERS:
-        raise ValueError(f"unknown built-in baseline {name!r}; available: {', '.join(BUILTIN_PREFIX + b for b in BUILDERS)}")
+        available = ", ".join(BUILTIN_PREFIX + b for b in BUILDERS)
+        raise ValueError(f"unknown built-in baseline {name!r}; available: {available}")
     kwargs = {}
     for item in filter(None, opts.split(",")):
         field_name, eq, value = item.partition("=")
@@ -77,8 +78,20 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
     n = W_dec.shape[0]
     if not 0 < spec.k <= n:
         raise ValueError(f"{BUILTIN_PREFIX}{spec.name} has {n} latents; k={spec.k} must be between 1 and {n}")
-    info = SAEInfo(format="builtin", architecture=spec.name, path=BUILTIN_PREFIX + spec.name,
-                   extra={"fit_tokens": len(x), "k": spec.k})
+    info = SAEInfo(
+        format="builtin",
+        architecture=spec.name,
+        path=BUILTIN_PREFIX + spec.name,
+        extra={"fit_tokens": len(x), "k": spec.k},
+    )
     f = torch.float32
-    return SAE(W_dec.T.contiguous().to(f), torch.zeros(n, dtype=f), W_dec.to(f), mu.to(f),
-               activation="topk", k=spec.k, b_pre=mu.to(f), info=info)
+    return SAE(
+        W_dec.T.contiguous().to(f),
+        torch.zeros(n, dtype=f),
+        W_dec.to(f),
+        mu.to(f),
+        activation="topk",
+        k=spec.k,
+        b_pre=mu.to(f),
+        info=info,
+    )

@@ -19,14 +19,19 @@ def direct_core(resid: np.ndarray, mask: np.ndarray, sae):
     fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     freq = (z != 0).double().mean(0)
     return {
-        "nmse": nmse.item(), "fvu_raw": fvu.item(), "l0": (z != 0).sum(1).double().mean().item(),
-        "dead_frac": (freq == 0).double().mean().item(), "dense_frac": (freq > 0.1).double().mean().item(),
+        "nmse": nmse.item(),
+        "fvu_raw": fvu.item(),
+        "l0": (z != 0).sum(1).double().mean().item(),
+        "dead_frac": (freq == 0).double().mean().item(),
+        "dense_frac": (freq > 0.1).double().mean().item(),
         "norm_ratio": (x_hat.norm(dim=1) / x.norm(dim=1)).mean().item(),
     }
 
 
-@pytest.mark.parametrize("activation,normalization", [("topk", "none"), ("relu", "layer_norm"),
-                                                      ("jumprelu", "token_norm"), ("topk", "layer_norm")])
+@pytest.mark.parametrize(
+    "activation,normalization",
+    [("topk", "none"), ("relu", "layer_norm"), ("jumprelu", "token_norm"), ("topk", "layer_norm")],
+)
 def test_core_matches_direct_computation(make_context, activation, normalization):
     ctx = make_context()
     sae = random_sae(ctx.model.d_model, 96, activation=activation, normalization=normalization, k=5)
