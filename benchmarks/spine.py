@@ -25,6 +25,9 @@ from saebench.metrics.registry import get_metric
 from saebench.runner import Checkpoint, RunConfig, Runner
 
 
+NAIVE_BATCH = 8  # windows per full pass: full logits for 8 x 64 positions are ~100 MB
+
+
 def naive_downstream(ctx, sae, n_windows: int) -> float:
     """Seconds per window for three full forward passes with a hook at the site."""
     model, layer = ctx.model, ctx.layer
@@ -43,8 +46,8 @@ def naive_downstream(ctx, sae, n_windows: int) -> float:
     try:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for start in range(0, n_windows, ctx.downstream_batch):
-                batch = ids[start : start + ctx.downstream_batch]
+            for start in range(0, n_windows, NAIVE_BATCH):
+                batch = ids[start : start + NAIVE_BATCH]
                 for replace in (None, lambda h: sae(h), torch.zeros_like):
                     mode["replace"] = replace
                     logits = model.hf_model(input_ids=batch, use_cache=False).logits

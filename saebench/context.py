@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from saebench.data.cache import Store, cache_root
+from saebench.model.scoring import clean_reference, has_linear_head, next_token_ce
 from saebench.model.subject import SubjectModel
 
 DTYPES = {
@@ -65,12 +66,6 @@ class EvalConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         return DTYPES[self.dtype]
-
-
-def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy (nats) of logits (..., V) against targets (...), via log_softmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass
@@ -219,14 +214,17 @@ class EvalContext:
 
     @cached_property
     def clean(self) -> dict[str, np.ndarray]:
-        """SAE-independent downstream data, computed once per evaluation set.
+        """SAE-independent downstream data for positions 1..ctx-2 (targets 2..ctx-1), computed once.
 
-        final:   clean final hidden state (after the last norm), (n_windows, ctx, d) — the clean logits are
-                 its image under the head, so the full clean distribution never has to be stored.
-        ce_clean, ce_zero: per-position CE (n_windows, ctx - 2) for positions 1..ctx-2 (targets 2..ctx-1),
-                 clean and with the site's residual zeroed at the scored positions (`mask`).
+        ce_clean, ce_zero: per-position CE (n_windows, ctx - 2), clean and with the site's residual zeroed
+            at the scored positions (`mask`).
+        For the KL, the clean distribution in compact form (`saebench.model.scoring`): with a linear head,
+            unembed_mean = W^T p (n_windows, ctx - 2, d) and clean_term (n_windows, ctx - 2); otherwise the
+            clean final hidden state `final`, whose image under the head is the clean logits.
         """
         windows, resid, mask = self.windows, self.resid, self.mask
+        linear = has_linear_head(self.model)
+        names = ("ce_clean", "ce_zero", *(("unembed_mean", "clean_term") if linear else ("final",)))
         store = self.store(
             "eval-downstream", {"n_windows": len(windows), "exclude_special": self.config.exclude_special}
         )
@@ -236,32 +234,27 @@ class EvalContext:
             h = torch.from_numpy(np.array(resid[start:stop])).to(self.device, self.model.dtype)
             targets = ids[:, 2:]
             with torch.inference_mode():
-                final = self.model.from_site(h, self.layer)
-                ce_clean = token_ce(self.model.logits(final[:, 1:-1]), targets)
+                final = self.model.from_site(h, self.layer)[:, 1:-1]
+                if linear:
+                    ce_clean, e, c = clean_reference(self.model, final, targets)
+                    out = {"unembed_mean": e.cpu().numpy(), "clean_term": c.cpu().numpy()}
+                else:
+                    ce_clean = next_token_ce(self.model, final, targets)
+                    out = {"final": final.float().cpu().numpy()}
                 zeroed = h.clone()
                 zeroed[:, 1:][torch.from_numpy(mask[start:stop]).to(self.device)] = 0
-                ce_zero = token_ce(
-                    self.model.logits(self.model.from_site(zeroed, self.layer)[:, 1:-1]), targets
+                ce_zero = next_token_ce(
+                    self.model, self.model.from_site(zeroed, self.layer)[:, 1:-1], targets
                 )
             return {
-                "final": final.float().cpu().numpy(),
+                **out,
                 "ce_clean": ce_clean.double().cpu().numpy(),
                 "ce_zero": ce_zero.double().cpu().numpy(),
             }
 
         return store.collect(
-            ("final", "ce_clean", "ce_zero"),
-            len(windows),
-            self.downstream_batch,
-            produce,
-            desc="clean and zero-ablated pass",
+            names, len(windows), self.config.batch_size, produce, desc="clean and zero-ablated pass"
         )
-
-    @property
-    def downstream_batch(self) -> int:
-        """Windows per upper-half pass: keeps (batch x ctx x vocab) logits near 100 MB."""
-        per_window = self.config.ctx * self.model.vocab_size * 4
-        return max(1, min(self.config.batch_size, (100 << 20) // per_window))
 
     def window_batches(self, batch: int | None = None):
         """(start, stop) ranges over the evaluation windows."""

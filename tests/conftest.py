@@ -37,7 +37,7 @@ def make_context(tmp_path, corpus_file, tiny_llama):
     """EvalContext factory on the tiny model: 12 windows of 16 tokens at layer 1, cache in tmp_path."""
     from saebench.context import EvalConfig, EvalContext
 
-    def make(**overrides):
+    def make(model=None, **overrides):
         cfg = EvalConfig(
             model="tiny",
             layer=1,
@@ -48,7 +48,7 @@ def make_context(tmp_path, corpus_file, tiny_llama):
             cache_dir=str(tmp_path / "cache"),
             **overrides,
         )
-        return EvalContext(cfg, preloaded_model=tiny_llama)
+        return EvalContext(cfg, preloaded_model=model or tiny_llama)
 
     return make
 

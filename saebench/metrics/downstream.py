@@ -10,7 +10,7 @@ site on; next-token prediction is scored on positions 1..ctx-2 (targets 2..ctx-1
 
 Everything that does not depend on the SAE (the model below the site, the clean final hidden state, clean
 and zero-ablated CE) comes from the evaluation context's cache; per SAE only the blocks above the site run
-once, plus the LM head on the cached clean state for the KL.
+once, with one LM head pass (the KL's clean side is cached in compact form, see `saebench.model.scoring`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saebench.context import token_ce
 from saebench.metrics.registry import Metric, MetricResult, register
 from saebench.metrics.stats import ratio_estimate
+from saebench.model.scoring import ce_and_kl, ce_and_kl_linear
 
 
 @dataclass
@@ -35,22 +35,25 @@ def compute(ctx, sae, params: DownstreamParams) -> MetricResult:
     clean, model, layer = ctx.clean, ctx.model, ctx.layer
     n_windows = len(ctx.windows)
     ce_spliced, kl = np.zeros(n_windows), np.zeros(n_windows)
-    batches = list(ctx.window_batches(ctx.downstream_batch))
+    batches = list(ctx.window_batches())
     for start, stop in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
         ids = torch.from_numpy(ctx.windows[start:stop]).to(ctx.device)
         h = torch.from_numpy(np.array(ctx.resid[start:stop])).to(ctx.device, model.dtype)
         keep = torch.from_numpy(ctx.mask[start:stop]).to(ctx.device)
         h[:, 1:][keep] = ctx.x_hat(sae, start, stop).to(model.dtype)[keep]
         with torch.inference_mode():
-            logits_spliced = model.logits(model.from_site(h, layer)[:, 1:-1])
-            ce_spliced[start:stop] = token_ce(logits_spliced, ids[:, 2:]).double().sum(1).cpu().numpy()
-            final_clean = torch.from_numpy(np.array(clean["final"][start:stop, 1:-1])).to(
-                ctx.device, model.dtype
-            )
-            logp_clean = torch.log_softmax(model.logits(final_clean).float(), -1)
-            logp_spliced = torch.log_softmax(logits_spliced.float(), -1)
-            kl_tok = (logp_clean.exp() * (logp_clean - logp_spliced)).sum(-1)
-            kl[start:stop] = kl_tok.double().sum(1).cpu().numpy()
+            final = model.from_site(h, layer)[:, 1:-1]
+            if "unembed_mean" in clean:
+                e = torch.from_numpy(np.array(clean["unembed_mean"][start:stop])).to(ctx.device)
+                c = torch.from_numpy(np.array(clean["clean_term"][start:stop])).to(ctx.device)
+                ce_tok, kl_tok = ce_and_kl_linear(model, final, ids[:, 2:], e, c)
+            else:
+                final_clean = torch.from_numpy(np.array(clean["final"][start:stop])).to(
+                    ctx.device, model.dtype
+                )
+                ce_tok, kl_tok = ce_and_kl(model, final, final_clean, ids[:, 2:])
+        ce_spliced[start:stop] = ce_tok.double().sum(1).cpu().numpy()
+        kl[start:stop] = kl_tok.double().sum(1).cpu().numpy()
 
     ce_clean = clean["ce_clean"].sum(1)
     ce_zero = clean["ce_zero"].sum(1)

@@ -28,8 +28,17 @@ def hooked_logits(model, ids, layer, replace):
         handle.remove()
 
 
-def test_downstream_matches_full_model_with_hook(make_context):
-    ctx = make_context()
+@pytest.mark.parametrize("family", ["llama", "gemma3-softcap", "gpt2"])
+def test_downstream_matches_full_model_with_hook(make_context, family):
+    from saebench.model.tiny import tiny_model
+
+    if family == "llama":
+        ctx = make_context()
+    elif family == "gpt2":
+        ctx = make_context(model=tiny_model("gpt2"))
+    else:  # a softcapped head: the KL cannot use the linear-head shortcut
+        ctx = make_context(model=tiny_model("gemma3", final_logit_softcapping=3.0))
+        assert "final" in ctx.clean
     model, layer = ctx.model, ctx.layer
     sae = random_sae(model.d_model, 128, k=8)
     result = downstream(ctx, sae, DownstreamParams())
@@ -68,5 +77,5 @@ def test_clean_pass_is_cached_once(make_context):
     first = np.array(ctx.clean["ce_clean"])
     again = make_context()  # a new context over the same cache folder reads what the first one wrote
     key = {"n_windows": len(again.windows), "exclude_special": True}
-    assert again.store("eval-downstream", key).has("final", "ce_clean", "ce_zero")
+    assert again.store("eval-downstream", key).has("unembed_mean", "clean_term", "ce_clean", "ce_zero")
     np.testing.assert_array_equal(np.array(again.clean["ce_clean"]), first)
