@@ -18,8 +18,11 @@ def test_stream_is_seeded_training_split_without_separators(make_context):
 
 def test_train_runs_writes_loadable_checkpoints_and_skips_finished(make_context, tmp_path):
     ctx = make_context()
-    configs = {"topk-small": TrainConfig(n_latents=64, k=4, batch_size=64, geometric_median_tokens=128,
-                                         checkpoint_every=0)}
+    configs = {
+        "topk-small": TrainConfig(
+            n_latents=64, k=4, batch_size=64, geometric_median_tokens=128, checkpoint_every=0
+        )
+    }
     out = tmp_path / "runs"
     (path,) = train_runs(ctx, configs, out, n_tokens=600)
     assert run_status(out / "topk-small") == "complete"
