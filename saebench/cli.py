@@ -75,15 +75,22 @@ def _parse_params(items: list[str]) -> dict[str, dict]:
 def cmd_run(args) -> int:
     from saebench.runner import RunConfig, Runner, parse_metrics, summary_table
 
+    metrics, task_selection = parse_metrics(args.tasks, tuple(args.include_tasks))
+    params = _parse_params(args.param)
+    probe_tasks = args.probe_tasks or task_selection
+    if probe_tasks:
+        params.setdefault("probes", {})["tasks"] = probe_tasks
+    if args.include_tasks:
+        params.setdefault("probes", {})["include_tasks"] = ",".join(args.include_tasks)
     config = RunConfig(
         checkpoint=args.checkpoint,
-        metrics=parse_metrics(args.tasks),
+        metrics=metrics,
         eval=_eval_config(args),
         out=args.out,
         force=args.force,
         format=args.format,
         model_given=args.model is not None,
-        params=_parse_params(args.param),
+        params=params,
     )
     results = Runner(config).run()
     print(summary_table(results))
@@ -193,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default=None, help="override checkpoint format detection")
     run.add_argument("--out", default="results", help="results folder (default %(default)s)")
     run.add_argument("--force", action="store_true", help="recompute even if a matching result exists")
+    run.add_argument(
+        "--probe-tasks",
+        default=None,
+        help="probe tasks for the probes metric: names and/or tags, comma-separated (default all)",
+    )
+    run.add_argument(
+        "--include-tasks",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder of task YAMLs (repeatable)",
+    )
     run.add_argument(
         "--param",
         action="append",

@@ -127,9 +127,12 @@ class EvalContext:
             "exclude_special": self.config.exclude_special,
         }
 
+    @property
+    def _root(self) -> Path:
+        return cache_root() if self.config.cache_dir is None else Path(self.config.cache_dir)
+
     def store(self, kind: str, extra: dict | None = None) -> Store:
-        root = cache_root() if self.config.cache_dir is None else Path(self.config.cache_dir)
-        return Store(kind, {**self.site_key, **(extra or {})}, root=root)
+        return Store(kind, {**self.site_key, **(extra or {})}, root=self._root)
 
     # --- windows and residuals at the site ------------------------------------------------------------
     @cached_property
@@ -141,6 +144,10 @@ class EvalContext:
     def site_windows(self, split: str, n_windows: int, start: int = 0) -> np.ndarray:
         """Token windows (n_windows, ctx) int64 of a corpus split, BOS at position 0, cached."""
         store = self.store(f"windows-{split}", {"n_windows": n_windows, "start": start})
+        if start == 0 and not store.has("tokens"):
+            bigger = Store.covering(f"windows-{split}", store.key, "n_windows", self._root, "tokens")
+            if bigger is not None:
+                return bigger.load("tokens", mmap=False)[:n_windows]
         if not store.has("tokens"):
             from saebench.data.corpus import make_windows
 
@@ -164,6 +171,11 @@ class EvalContext:
 
         Collected batch by batch into the cache; an interrupted collection resumes where it stopped.
         """
+        if start == 0:  # the first windows of a stream: a bigger finished collection serves
+            key = {**self.site_key, "n_windows": n_windows, "start": 0}
+            bigger = Store.covering(f"resid-{split}", key, "n_windows", self._root, "resid")
+            if bigger is not None:
+                return bigger.load("resid")[:n_windows]
         windows = self.site_windows(split, n_windows, start)
         store = self.store(f"resid-{split}", {"n_windows": n_windows, "start": start})
 

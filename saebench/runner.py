@@ -62,13 +62,35 @@ class Checkpoint:
     sha256: str | None = None
 
 
-def parse_metrics(spec: str) -> list[str]:
-    """`all` or comma-separated metric names -> registered metric names (in table order)."""
+def parse_metrics(spec: str, include_tasks: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
+    """`--tasks` -> (metric names in table order, probe-task selection or None).
+
+    Items are `all` (every registered metric), metric names, or probe task names and tags, which select the
+    `probes` metric on those tasks (`--tasks core,code,21_headline_istrump`).
+    """
     names = metric_names()
-    wanted = names if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    for name in wanted:
-        get_metric(name)
-    return [n for n in names if n in wanted]
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError("--tasks is empty: give `all`, metric names or probe task names/tags")
+    wanted, task_items = set(), []
+    for item in items:
+        if item == "all":
+            wanted.update(names)
+        elif item in names:
+            wanted.add(item)
+        else:
+            task_items.append(item)
+    if task_items:
+        from saebench.data.tasks import TaskError, discover_tasks, select_tasks
+
+        try:
+            select_tasks(discover_tasks(list(include_tasks)), ",".join(task_items))
+        except TaskError as err:
+            raise ValueError(
+                f"--tasks: not a metric ({', '.join(names)}) nor a probe task or tag: {err}"
+            ) from None
+        wanted.add("probes")
+    return [n for n in names if n in wanted], (",".join(task_items) or None)
 
 
 def discover(checkpoint: str) -> list[Checkpoint]:
@@ -81,7 +103,10 @@ def discover(checkpoint: str) -> list[Checkpoint]:
     found = []
     for p in paths:
         rel = p.relative_to(root) if p != root and root.is_dir() else Path(p.name)
-        label = "__".join(rel.with_suffix("").parts) if p.is_file() else "__".join(rel.parts)
+        parts = rel.with_suffix("").parts if p.is_file() else rel.parts
+        if len(parts) > 1 and parts[-1] == "sae":  # a trainer run folder: <run>/sae
+            parts = parts[:-1]
+        label = "__".join(parts)
         found.append(Checkpoint(str(p), label if len(paths) > 1 else (root.resolve().name or label)))
     return found
 
@@ -161,7 +186,10 @@ class Runner:
         for name in metric_names_:
             metric = get_metric(name)
             params = make_params(metric, self.config.params.get(name, {}))
-            key = result_key(name, metric.version, params_dict(params), ckpt.sha256, ctx.data_key)
+            extra = metric.key_extra(params) if metric.key_extra else {}
+            key = result_key(
+                name, metric.version, params_dict(params), ckpt.sha256, {**ctx.data_key, **extra}
+            )
             path = result_path(Path(self.config.out), ckpt.label, name)
             old = None if self.config.force else reusable(path, key)
             if old is not None:

@@ -86,4 +86,5 @@ def test_unknown_metric(tmp_path, corpus_file, model_folder, capsys):
         )
         == 2
     )
-    assert "unknown metric 'bogus'" in one_line_error(capsys)
+    message = one_line_error(capsys)
+    assert "not a metric (core, downstream" in message and "'bogus'" in message

@@ -101,3 +101,23 @@ def test_unknown_parameter_and_builtin_errors(tmp_path, corpus_file, tiny_llama)
         ).run()
     with pytest.raises(ValueError, match="unknown built-in baseline"):
         make_runner(tmp_path, corpus_file, tiny_llama, "builtin:kmeans").run()
+
+
+def test_labels_of_trainer_run_folders(tmp_path):
+    from saebench.runner import discover
+    from saebench.sae.formats.native import save_native
+    from tests.conftest import random_sae
+
+    for run in ("topk-a", "topk-b"):
+        save_native(random_sae(16, 32, k=2), tmp_path / "runs" / run / "sae")
+    assert [c.label for c in discover(str(tmp_path / "runs"))] == ["topk-a", "topk-b"]
+
+
+def test_tasks_option_mixes_metrics_and_probe_tasks():
+    from saebench.runner import parse_metrics
+
+    assert parse_metrics("all") == (["core", "downstream", "probes"], None)
+    assert parse_metrics("downstream,core") == (["core", "downstream"], None)
+    assert parse_metrics("core,code,21_headline_istrump") == (["core", "probes"], "code,21_headline_istrump")
+    with pytest.raises(ValueError, match="not a metric"):
+        parse_metrics("core,nonsense")

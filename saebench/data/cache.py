@@ -70,6 +70,30 @@ class Store:
         if not key_file.exists():
             atomic_write_bytes(key_file, json.dumps(key, indent=1, sort_keys=True, default=str).encode())
 
+    @classmethod
+    def covering(cls, kind: str, key: dict, size_field: str, root: Path | None = None, *names: str):
+        """A finished store of `kind` whose key equals `key` except for a `size_field` at least as large.
+
+        For arrays that are prefixes of larger ones (the first N windows of a stream): a request for fewer
+        rows reuses a bigger collection.  Returns None when there is none.
+        """
+        best = None
+        for key_file in ((root or cache_root()) / kind).glob("*/key.json"):
+            try:
+                other = json.loads(key_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            size = other.get(size_field)
+            same = {k: v for k, v in other.items() if k != size_field} == {
+                k: v for k, v in json.loads(json.dumps(key, default=str)).items() if k != size_field
+            }
+            fits = isinstance(size, int) and size >= key[size_field]
+            if same and fits and (best is None or size < best[1]):
+                store = cls(kind, other, root)
+                if store.has(*names):
+                    best = (store, size)
+        return None if best is None else best[0]
+
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.npy"
 

@@ -70,6 +70,8 @@ class Metric:
     lower_is_better: frozenset[str] = frozenset()
     #: whether the metric runs the subject model above the site (so needs it loaded)
     needs_model: bool = False
+    #: key_extra(params) -> dict: what else a result depends on (e.g. the tasks' data), for result reuse
+    key_extra: Callable[[Any], dict] | None = None
 
 
 _REGISTRY: dict[str, Metric] = {}

@@ -30,3 +30,21 @@ def test_keys_separate_folders(tmp_path):
     a, b = Store("k", {"layer": 1}, root=tmp_path), Store("k", {"layer": 2}, root=tmp_path)
     a.save("x", np.zeros(2))
     assert a.has("x") and not b.has("x")
+
+
+def test_covering_store_serves_a_prefix(tmp_path):
+    big = Store("k", {"model": "m", "n": 10}, root=tmp_path)
+    big.save("a", np.arange(10))
+    Store("k", {"model": "other", "n": 50}, root=tmp_path).save("a", np.arange(50))
+    found = Store.covering("k", {"model": "m", "n": 4}, "n", tmp_path, "a")
+    assert found is not None and found.key["n"] == 10
+    assert Store.covering("k", {"model": "m", "n": 11}, "n", tmp_path, "a") is None
+
+
+def test_context_reuses_a_bigger_collection(make_context):
+    ctx = make_context()
+    big = np.array(ctx.site_resid("train", 20))
+    small = ctx.site_resid("train", 8)
+    np.testing.assert_array_equal(small, big[:8])
+    np.testing.assert_array_equal(ctx.site_windows("train", 8), ctx.site_windows("train", 20)[:8])
+    assert not ctx.store("resid-train", {"n_windows": 8, "start": 0}).has("resid")

@@ -1,0 +1,239 @@
+"""probes: 1-D logistic probes over every latent, the paper's probe loss (METRICS.md).
+
+Per task (a YAML in `tasks/`; its seeded balanced split of n_train / n_test examples, each truncated to
+max_tokens with BOS): the SAE encodes the cached site residuals at positions 1.., latents are pooled per
+example (mean, max or last over positions 1..), and every latent j gets its own probe
+p = sigmoid(w f_j + b) on the standardised pooled feature, fitted by Newton-Raphson on the train split
+(mean log-loss + (l2/2) w^2, see `saebench.metrics.logistic`).  Then
+
+    task score         = test CE of the latent with the lowest *train* CE (no selection on test)
+    probe_loss         = mean task score over tasks                               (nats, lower is better)
+    probe_loss_residual = the same with the d_model raw residual channels, pooled the same way, as features
+    probe_loss_prior   = mean test CE of predicting the train prior
+
+Intervals resample tasks.  Per task the details keep the chosen latent's id, train CE, test CE and test
+AUROC, the residual channel's, and the prior's CE.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saebench.data.task_activations import TaskActivations, context_task_activations
+from saebench.data.tasks import discover_tasks, select_tasks, task_fingerprint
+from saebench.metrics.logistic import cross_entropy, fit_logistic, standardize
+from saebench.metrics.registry import Metric, MetricResult, register
+from saebench.metrics.stats import mean_estimate
+
+FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class ProbesParams:
+    #: tasks to probe: names, tags or `all`, comma-separated (see `saebench tasks list`)
+    tasks: str = "all"
+    #: extra folders of task YAMLs, comma-separated; a task there overrides a built-in one of that name
+    include_tasks: str = ""
+    #: penalty on the probe's slope: minimise mean train log-loss + (l2 / 2) w^2
+    l2: float = 1e-3
+    #: Newton stops when both coordinates of its step are below this ...
+    tol: float = 1e-8
+    #: ... or after this many passes
+    max_iter: int = 50
+    #: precision of the logistic fits (float64 accumulates every sum in float64)
+    fit_dtype: str = "float64"
+    #: tokens encoded by the SAE at once: the dense pre-activations are chunk_tokens x n_latents
+    chunk_tokens: int = 1024
+
+
+@dataclass
+class BestProbe:
+    """The candidate feature with the lowest train CE on one task."""
+
+    feature: int
+    train_ce: float
+    test_ce: float
+    test_auroc: float
+
+
+def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> torch.Tensor:
+    """Pooled SAE latents (n_examples, n_latents) float64 from the task's cached residuals.
+
+    Latents are >= 0 and an inactive latent is exactly 0, so max pooling starts from 0 and a sum over the
+    sparse codes is the sum over all latents.  `last` encodes only each example's last position.
+    """
+    n_ex, n = acts.n_examples, sae.n_latents
+    lengths = acts.lengths
+    out = torch.zeros(n_ex * n, dtype=torch.float64, device=device)
+    if pool == "last":
+        examples = np.flatnonzero(lengths > 0)
+        rows = acts.offsets[1:][examples] - 1
+    else:
+        examples = np.repeat(np.arange(n_ex), lengths)
+        rows = None
+    scale = 1.0 / lengths[examples] if pool == "mean" else np.ones(len(examples))
+    examples_t = torch.from_numpy(examples).to(device)
+    scale_t = torch.from_numpy(scale).to(device)
+    with torch.inference_mode():
+        for lo in range(0, len(examples), chunk_tokens):
+            hi = min(lo + chunk_tokens, len(examples))
+            block = acts.resid[lo:hi] if rows is None else acts.resid[rows[lo:hi]]
+            x = torch.from_numpy(np.array(block)).to(device, sae.W_enc.dtype)
+            u, _ = sae.normalization.apply(x)
+            codes = sae.encode_sparse(u)
+            where = (examples_t[lo:hi, None] * n + codes.indices).reshape(-1)
+            values = (codes.values.double() * scale_t[lo:hi, None]).reshape(-1)
+            if pool == "max":
+                out.scatter_reduce_(0, where, values, "amax")
+            else:
+                out.index_add_(0, where, values)
+    return out.view(n_ex, n)
+
+
+def pool_residual(acts: TaskActivations, pool: str) -> np.ndarray:
+    """The raw residual channels pooled per example, (n_examples, d) float64; 0 for an empty example."""
+    lengths, starts = acts.lengths, acts.offsets[:-1]
+    out = np.zeros((acts.n_examples, acts.resid.shape[1]))
+    full = np.flatnonzero(lengths > 0)
+    if pool == "last":
+        out[full] = acts.resid[acts.offsets[1:][full] - 1]
+        return out
+    # segments of empty examples are skipped; sums accumulate in float64
+    if pool == "max":
+        out[full] = np.maximum.reduceat(acts.resid, starts[full], axis=0)
+    else:
+        out[full] = np.add.reduceat(acts.resid, starts[full], axis=0, dtype=np.float64)
+    if pool == "mean":
+        out[full] /= lengths[full, None]
+    return out
+
+
+def best_probe(features: torch.Tensor, labels: np.ndarray, n_train: int, params: ProbesParams) -> BestProbe:
+    """Fit a probe on every column of `features` (n_examples, F; train rows first) and return the one
+    with the lowest train CE, scored on the test rows."""
+    dtype = FIT_DTYPES[params.fit_dtype]
+    y = torch.from_numpy(np.asarray(labels, dtype=bool)).to(features.device)
+    train, test = standardize(features[:n_train].to(dtype), features[n_train:].to(dtype))
+    fit = fit_logistic(
+        train, y[:n_train], l2=params.l2, tol=params.tol, max_iter=params.max_iter, dtype=dtype
+    )
+    j = int(torch.argmin(fit.train_ce))
+    scores = (fit.w[j] * test[:, j].double() + fit.b[j]).cpu().numpy()
+    test_ce = float(cross_entropy(test[:, j : j + 1], y[n_train:], fit.w[j : j + 1], fit.b[j : j + 1])[0])
+    return BestProbe(j, float(fit.train_ce[j]), test_ce, auroc(scores, labels[n_train:]))
+
+
+def prior_ce(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    """Test CE of predicting the train prior for every example."""
+    p, q = float(np.mean(train_labels)), float(np.mean(test_labels))
+    return -(q * math.log(p) + (1 - q) * math.log(1 - p))
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2."""
+    labels = np.asarray(labels, dtype=bool)
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average 1-based rank over each run of tied scores
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def selected(params: ProbesParams) -> list:
+    include = [p.strip() for p in params.include_tasks.split(",") if p.strip()]
+    return select_tasks(discover_tasks(include), params.tasks)
+
+
+def task_fingerprints(params: ProbesParams) -> dict:
+    """The selected tasks' definitions and data, so an edited task YAML or data file is not reused."""
+    return {"tasks": {task.name: task_fingerprint(task) for task in selected(params)}}
+
+
+def compute(ctx, sae, params: ProbesParams) -> MetricResult:
+    if params.fit_dtype not in FIT_DTYPES:
+        raise ValueError(
+            f"probes: fit_dtype must be one of {', '.join(FIT_DTYPES)}, got {params.fit_dtype!r}"
+        )
+    tasks = selected(params)
+    timing = {"activations_s": 0.0, "encode_s": 0.0, "fit_s": 0.0, "residual_s": 0.0}
+    per_task, scores, residual_scores, prior_scores = {}, [], [], []
+    n_tokens = 0
+    for task in tqdm(tasks, desc="probes", leave=False, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        acts = context_task_activations(ctx, task)
+        t1 = time.perf_counter()
+        latents = pool_latents(sae, acts, task.pool, params.chunk_tokens, ctx.device)
+        if not bool(torch.isfinite(latents).all()):
+            raise FloatingPointError(
+                f"probes: SAE latents on task {task.name!r} contain NaN or inf ({sae.info.path})"
+            )
+        t2 = time.perf_counter()
+        best = best_probe(latents, acts.labels, acts.n_train, params)
+        del latents
+        t3 = time.perf_counter()
+        residual = torch.from_numpy(pool_residual(acts, task.pool)).to(ctx.device)
+        best_residual = best_probe(residual, acts.labels, acts.n_train, params)
+        t4 = time.perf_counter()
+        for name, dt in zip(timing, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            timing[name] += dt
+
+        prior = prior_ce(acts.labels[: acts.n_train], acts.labels[acts.n_train :])
+        scores.append(best.test_ce)
+        residual_scores.append(best_residual.test_ce)
+        prior_scores.append(prior)
+        n_tokens += int(acts.offsets[-1])
+        per_task[task.name] = {
+            "latent": best.feature,
+            "train_ce": best.train_ce,
+            "test_ce": best.test_ce,
+            "test_auroc": best.test_auroc,
+            "residual_channel": best_residual.feature,
+            "residual_train_ce": best_residual.train_ce,
+            "residual_test_ce": best_residual.test_ce,
+            "residual_test_auroc": best_residual.test_auroc,
+            "prior_test_ce": prior,
+            "n_train": acts.n_train,
+            "n_test": acts.n_examples - acts.n_train,
+            "pool": task.pool,
+            "max_tokens": task.max_tokens,
+            "tokens": int(acts.offsets[-1]),
+        }
+    print(
+        f"probes: {len(tasks)} tasks, encode {timing['encode_s']:.1f} s, fit {timing['fit_s']:.1f} s, "
+        f"residual baseline {timing['residual_s']:.1f} s, activations {timing['activations_s']:.1f} s",
+        file=sys.stderr,
+    )
+    seed = ctx.config.seed
+    values = {
+        "probe_loss": mean_estimate(scores, "tasks", seed),
+        "probe_loss_residual": mean_estimate(residual_scores, "tasks", seed),
+        "probe_loss_prior": mean_estimate(prior_scores, "tasks", seed),
+    }
+    counts = {"tasks": len(tasks), "tokens": n_tokens, "latents": sae.n_latents}
+    return MetricResult(values=values, counts=counts, details={"tasks": per_task, "timing": timing})
+
+
+register(
+    Metric(
+        name="probes",
+        version=1,
+        description="1-D logistic probe loss of the best latent per binary task (probe_loss)",
+        compute=compute,
+        params=ProbesParams,
+        headline=("probe_loss", "probe_loss_residual", "probe_loss_prior"),
+        lower_is_better=frozenset({"probe_loss", "probe_loss_residual", "probe_loss_prior"}),
+        needs_model=False,
+        key_extra=task_fingerprints,
+    )
+)
