@@ -202,7 +202,8 @@ class SAE(nn.Module):
 
     # --- sparse path (what metrics use) ------------------------------------------------------------------
     def pre_activations(self, u: torch.Tensor) -> torch.Tensor:
-        return (u - self.b_pre) @ self.W_enc + self.b_enc
+        # addmm adds the bias inside the matmul: one pass over the (tokens x n_latents) output, not two
+        return torch.addmm(self.b_enc, u - self.b_pre, self.W_enc)
 
     def encode_sparse(self, u: torch.Tensor) -> SparseCodes:
         """Latents of SAE-space inputs u (tokens, d) as (indices, values)."""
