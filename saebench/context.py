@@ -286,13 +286,14 @@ class EvalContext:
 
         resid, d = self.resid, self.resid.shape[-1]
         memo = self._x_hat_memo.setdefault(id(sae), {})
+        scratch = sae.scratch(chunk_tokens)
         for start, stop in self.window_batches(batch):
             x = torch.from_numpy(np.array(resid[start:stop, 1:])).to(self.device, sae.W_enc.dtype)
             flat = x.reshape(-1, d)
             parts = []
             with torch.inference_mode():
                 for i in range(0, flat.shape[0], chunk_tokens):
-                    parts.append(sae.reconstruct(flat[i : i + chunk_tokens]))
+                    parts.append(sae.reconstruct(flat[i : i + chunk_tokens], scratch))
             width = max(p.codes.indices.shape[1] for p in parts)
 
             def pad(t, w=width):

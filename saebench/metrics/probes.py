@@ -81,13 +81,14 @@ def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, devic
     scale = 1.0 / lengths[examples] if pool == "mean" else np.ones(len(examples))
     examples_t = torch.from_numpy(examples).to(device)
     scale_t = torch.from_numpy(scale).to(device)
+    scratch = sae.scratch(min(chunk_tokens, max(len(examples), 1)))
     with torch.inference_mode():
         for lo in range(0, len(examples), chunk_tokens):
             hi = min(lo + chunk_tokens, len(examples))
             block = acts.resid[lo:hi] if rows is None else acts.resid[rows[lo:hi]]
             x = torch.from_numpy(np.array(block)).to(device, sae.W_enc.dtype)
             u, _ = sae.normalization.apply(x)
-            codes = sae.encode_sparse(u)
+            codes = sae.encode_sparse(u, scratch)
             where = (examples_t[lo:hi, None] * n + codes.indices).reshape(-1)
             values = (codes.values.double() * scale_t[lo:hi, None]).reshape(-1)
             if pool == "max":

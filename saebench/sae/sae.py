@@ -201,39 +201,45 @@ class SAE(nn.Module):
         return self.info
 
     # --- sparse path (what metrics use) ------------------------------------------------------------------
-    def pre_activations(self, u: torch.Tensor) -> torch.Tensor:
+    def pre_activations(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         # addmm adds the bias inside the matmul: one pass over the (tokens x n_latents) output, not two
-        return torch.addmm(self.b_enc, u - self.b_pre, self.W_enc)
+        return torch.addmm(self.b_enc, u - self.b_pre, self.W_enc, out=out)
 
-    def encode_sparse(self, u: torch.Tensor) -> SparseCodes:
-        """Latents of SAE-space inputs u (tokens, d) as (indices, values)."""
-        pre = self.pre_activations(u)
+    def scratch(self, tokens: int) -> torch.Tensor:
+        """A reusable (tokens x n_latents) buffer for `encode_sparse`: fresh large allocations are slow."""
+        return torch.empty(tokens, self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
+
+    def encode_sparse(self, u: torch.Tensor, scratch: torch.Tensor | None = None) -> SparseCodes:
+        """Latents of SAE-space inputs u (tokens, d) as (indices, values).
+
+        `scratch` (from `self.scratch(at least tokens)`) receives the dense pre-activations, which are
+        overwritten; the returned codes do not alias it.
+        """
+        out = scratch[: u.shape[0]] if scratch is not None and scratch.shape[0] >= u.shape[0] else None
+        pre = self.pre_activations(u, out)
         if self.activation == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
             return SparseCodes(indices, values.clamp_min(0))
-        if self.activation in ("relu", "gated"):
-            active = pre > 0
-        else:
-            active = (pre > self.threshold) & (pre > 0)
-        m = max(int(active.sum(-1).max()), 1) if pre.shape[0] else 1
-        # keys: active latents first, by their pre-activation; inactive entries are padding with value 0
-        keyed = torch.where(active, pre, torch.full_like(pre, -torch.inf))
-        values, indices = keyed.topk(m, dim=-1, sorted=False)
+        floor = self.threshold.clamp_min(0) if self.activation == "jumprelu" else 0.0
+        # inactive entries become -inf in place; the m = most active per token are then the top-m
+        pre.masked_fill_(pre <= floor, -torch.inf)
+        m = max(int(torch.isfinite(pre).sum(-1).max()), 1) if pre.shape[0] else 1
+        values, indices = pre.topk(m, dim=-1, sorted=False)
+        active = torch.isfinite(values)
         if self.activation == "gated":
-            x_enc = pre.gather(1, indices) - self.b_enc[indices]
-            magnitudes = torch.relu(x_enc * self.r_mag[indices].exp() + self.b_mag[indices])
-            values = torch.where(torch.isfinite(values), magnitudes, torch.zeros_like(magnitudes))
-        return SparseCodes(indices, torch.where(torch.isfinite(values), values, torch.zeros_like(values)))
+            x_enc = values - self.b_enc[indices]
+            values = torch.relu(x_enc * self.r_mag[indices].exp() + self.b_mag[indices])
+        return SparseCodes(indices, torch.where(active, values, torch.zeros_like(values)))
 
     def decode_sparse(self, codes: SparseCodes) -> torch.Tensor:
         """SAE-space reconstruction u_hat from (indices, values), touching only the active decoder rows."""
         u_hat = F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values, mode="sum")
         return u_hat + self.b_dec
 
-    def reconstruct(self, x: torch.Tensor) -> Reconstruction:
+    def reconstruct(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> Reconstruction:
         """Raw residuals x (tokens, d) through the SAE, keeping the SAE-space pair for metrics."""
         u, state = self.normalization.apply(x)
-        codes = self.encode_sparse(u)
+        codes = self.encode_sparse(u, scratch)
         u_hat = self.decode_sparse(codes)
         return Reconstruction(u, u_hat, self.normalization.undo(u_hat, state), codes)
 
