@@ -92,6 +92,7 @@ def main() -> None:
     print(f"encode floor: {encoded} tokens x {args.n_latents} x {ctx.model.d_model} x 2 FLOP at "
           f"{rate / 1e9:.1f} GFLOP/s (torch.matmul) = {floor:.2f} s; encode took "
           f"{timing['encode_s'] / floor:.2f}x the floor")  # fmt: skip
+    print(f"whole checkpoint: {total / floor:.2f}x the encode floor (target <= 1.5x)")
     values = {k: dataclasses.asdict(v) for k, v in result.values.items()}
     for name, v in values.items():
         print(f"{name}: {v['value']:.4f} [{v['lo']:.4f}, {v['hi']:.4f}] over {v['n']} {v['unit']}")

@@ -24,7 +24,6 @@ from saebench.context import EvalConfig
 from saebench.metrics.registry import get_metric
 from saebench.runner import Checkpoint, RunConfig, Runner
 
-
 NAIVE_BATCH = 8  # windows per full pass: full logits for 8 x 64 positions are ~100 MB
 
 
