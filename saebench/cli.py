@@ -44,14 +44,15 @@ def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
     )
 
 
-def _eval_config(args) -> EvalConfig:
-    if args.n_tokens <= 0 or args.ctx < 4:
+def _eval_config(args, n_tokens: int = EvalConfig.n_tokens) -> EvalConfig:
+    """The evaluation (or, for `train`, activation) settings shared by the subcommands."""
+    if n_tokens <= 0 or args.ctx < 4:
         raise ValueError("--n-tokens must be positive and --ctx at least 4")
     return EvalConfig(
         model=args.model or EvalConfig.model,
         layer=args.layer,
         corpus=args.corpus,
-        n_tokens=args.n_tokens,
+        n_tokens=n_tokens,
         ctx=args.ctx,
         batch_size=args.batch_size,
         device=args.device,
@@ -85,7 +86,7 @@ def cmd_run(args) -> int:
     config = RunConfig(
         checkpoint=args.checkpoint,
         metrics=metrics,
-        eval=_eval_config(args),
+        eval=_eval_config(args, n_tokens=args.n_tokens),
         out=args.out,
         force=args.force,
         format=args.format,
@@ -137,22 +138,10 @@ def cmd_train(args) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
     if args.sweep is not None and args.sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {args.sweep!r}; sweeps: {', '.join(SWEEPS)}")
-    if args.n_tokens <= 0:
-        raise ValueError("--n-tokens must be positive")
+    eval_cfg = _eval_config(args, n_tokens=args.n_tokens)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
     configs = {n: dataclasses.replace(PRESETS[n], **overrides) for n in names}
-    eval_cfg = EvalConfig(
-        model=args.model or EvalConfig.model,
-        layer=args.layer,
-        corpus=args.corpus,
-        ctx=args.ctx,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
     done = train_runs(EvalContext(eval_cfg), configs, Path(args.out), args.n_tokens)
     print("\n".join(str(p) for p in done))
     return 0

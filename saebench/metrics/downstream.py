@@ -80,6 +80,5 @@ register(
         params=DownstreamParams,
         headline=("delta_ce", "kl", "loss_recovered"),
         lower_is_better=frozenset({"delta_ce", "kl", "ce_spliced"}),
-        needs_model=True,
     )
 )

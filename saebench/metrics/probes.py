@@ -234,7 +234,6 @@ register(
         params=ProbesParams,
         headline=("probe_loss", "probe_loss_residual", "probe_loss_prior"),
         lower_is_better=frozenset({"probe_loss", "probe_loss_residual", "probe_loss_prior"}),
-        needs_model=False,
         key_extra=task_fingerprints,
     )
 )

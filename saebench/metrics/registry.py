@@ -68,8 +68,6 @@ class Metric:
     headline: tuple[str, ...]
     #: value names for which lower is better (used to sort the leaderboard)
     lower_is_better: frozenset[str] = frozenset()
-    #: whether the metric runs the subject model above the site (so needs it loaded)
-    needs_model: bool = False
     #: key_extra(params) -> dict: what else a result depends on (e.g. the tasks' data), for result reuse
     key_extra: Callable[[Any], dict] | None = None
 
