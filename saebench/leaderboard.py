@@ -40,10 +40,22 @@ class Row:
     def family(self) -> str:
         """Architecture family for plots: topk, relu, jumprelu, ... (with a training variant if any)."""
         training = self.checkpoint.get("training") or {}
-        variant = training.get("variant")
+        variant = training.get("variant") or _training_variant(training.get("config") or {})
         arch = str(self.checkpoint.get("architecture", "?")).lower()
         arch = {"standard": "relu"}.get(arch, arch)
         return f"{arch} ({variant})" if variant else arch
+
+
+def _training_variant(config: dict) -> str | None:
+    """How a saebench-trained checkpoint departs from the paper's recipe, from its training config."""
+    departures = []
+    if config.get("activation") == "topk" and config.get("auxk_alpha") == 0:
+        departures.append("no AuxK")
+    if config.get("tied_init") is False:
+        departures.append("untied init")
+    if config.get("multi_topk"):
+        departures.append("Multi-TopK")
+    return ", ".join(departures) or None
 
 
 def collect_rows(result_dirs: list[Path]) -> list[Row]:
