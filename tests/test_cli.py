@@ -88,3 +88,12 @@ def test_unknown_metric(tmp_path, corpus_file, model_folder, capsys):
     )
     message = one_line_error(capsys)
     assert "not a metric (core, downstream" in message and "'bogus'" in message
+
+
+def test_train_rejects_unknown_preset_and_bad_override(capsys):
+    assert main(["train", "--preset", "topk-n3-k1"]) == 2
+    assert "unknown preset 'topk-n3-k1'" in one_line_error(capsys)
+    assert main(["train", "--preset", "topk-n2048-k16", "--set", "nonsense=1"]) == 2
+    assert "bad --set 'nonsense=1'" in one_line_error(capsys)
+    assert main(["train", "--preset", "topk-n2048-k16", "--sweep", "baseline"]) == 2
+    assert "exactly one of --preset" in one_line_error(capsys)
