@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--l2", type=float, default=1e-3)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (scikit-learn fits on one core)"
+        "--threads", type=int, default=2, help="torch threads of the batched fit (sklearn: one core)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

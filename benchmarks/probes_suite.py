@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None, help="default: about 3/4 depth")
     parser.add_argument("--n-latents", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--fit-dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--fit-dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
 

@@ -33,7 +33,6 @@ taken in the working dtype (torch's pairwise summation) and then promoted.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -95,8 +94,7 @@ def fit_logistic(
     (default: the features'); the stopping step is floored at 1000 eps of it (float32: 1.2e-4), below
     which its gradients are rounding noise, and the final applied Newton step then lands within that noise.
     """
-    with _one_cpu_thread(train.device):
-        return _fit_logistic(train, labels, l2, tol, max_iter, dtype or train.dtype, chunk_elements)
+    return _fit_logistic(train, labels, l2, tol, max_iter, dtype or train.dtype, chunk_elements)
 
 
 def _fit_logistic(train, labels, l2, tol, max_iter, dtype, chunk_elements) -> LogisticFit:
@@ -149,8 +147,7 @@ def cross_entropy(
 ) -> torch.Tensor:
     """Mean CE per column (float64) of p = sigmoid(w f + b) on `features` (m, F): the mean of
     softplus(-(2 y - 1)(w f + b)) over rows."""
-    with _one_cpu_thread(features.device):
-        return _cross_entropy(features, labels, w, b, dtype or features.dtype, chunk_elements)
+    return _cross_entropy(features, labels, w, b, dtype or features.dtype, chunk_elements)
 
 
 def _cross_entropy(features, labels, w, b, dtype, chunk_elements) -> torch.Tensor:
@@ -179,25 +176,6 @@ def _softplus_mean(m: torch.Tensor, dim: int = 0) -> torch.Tensor:
     excess = (m - SOFTPLUS_CLIP).clamp_min_(0).sum(dim).double() if big else 0.0
     m.clamp_max_(SOFTPLUS_CLIP).exp_().log1p_()
     return (m.sum(dim).double() + excess) / m.shape[dim]
-
-
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run CPU work on one intra-op thread, restoring the setting after.
-
-    A fit is hundreds of small kernels; with several threads each one synchronises the pool, which costs
-    more than it saves, and far more when another process holds a core (measured on 2 shared cores: 3.6 s
-    with 2 threads against 0.17 s with 1 for the same 16,384-feature fit).
-    """
-    threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _check_labels(labels: torch.Tensor, n: int, need_both: bool = True) -> torch.Tensor:

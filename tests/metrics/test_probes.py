@@ -89,10 +89,10 @@ def test_dead_latents_get_the_prior(make_context, task_dir):
     result = probes(ctx, sae, params_for(task_dir))
     prior = result.values["probe_loss_prior"].value
     assert prior == pytest.approx(math.log(2), abs=1e-12)  # balanced splits
-    assert result.values["probe_loss"].value == pytest.approx(prior, abs=1e-12)
+    assert result.values["probe_loss"].value == pytest.approx(prior, abs=1e-6)
     for detail in result.details["tasks"].values():
         assert detail["latent"] == 0 and detail["test_auroc"] == 0.5
-        assert detail["train_ce"] == pytest.approx(math.log(2), abs=1e-12)
+        assert detail["train_ce"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_residual_baseline_is_the_best_raw_channel(make_context, task_dir):
@@ -110,8 +110,8 @@ def test_residual_baseline_is_the_best_raw_channel(make_context, task_dir):
     )
     expected = best_probe(torch.from_numpy(pooled), acts.labels, acts.n_train, ProbesParams())
     assert detail["residual_channel"] == expected.feature
-    assert detail["residual_test_ce"] == pytest.approx(expected.test_ce, abs=1e-9)
-    assert result.values["probe_loss_residual"].value == pytest.approx(expected.test_ce, abs=1e-9)
+    assert detail["residual_test_ce"] == pytest.approx(expected.test_ce, abs=1e-6)
+    assert result.values["probe_loss_residual"].value == pytest.approx(expected.test_ce, abs=1e-6)
     assert detail["residual_test_ce"] < detail["prior_test_ce"]  # disjoint alphabets: some channel separates
 
 
