@@ -100,11 +100,12 @@ def table(rows: list[Row], sort: str | None = None) -> str:
                 -(r.get(metric, name) or 0) if descending else (r.get(metric, name) or 0),
             ),
         )
-    headers = ["checkpoint", "arch", "n", "k", *[f"{m}.{n}" for m, n in cols]]
+    headers = ["checkpoint", "arch", "n", "k", "train tokens", *[f"{m}.{n}" for m, n in cols]]
     body = []
     for r in rows:
         c = r.checkpoint
-        cells = [r.label, r.family, c.get("n_latents", ""), c.get("k") or ""]
+        tokens = (c.get("training") or {}).get("tokens_seen", "")
+        cells = [r.label, r.family, c.get("n_latents", ""), c.get("k") or "", tokens]
         for m, n in cols:
             v = r.values.get(m, {}).get(n)
             cells.append(format_estimate(v) if v else "")
@@ -182,7 +183,7 @@ def fit_power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     for b in np.linspace(-2.0, -0.01, 400):
         A = np.stack([n**b, np.ones_like(n)], 1)
         (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
-        if c < 0:
+        if c < 0:  # the irreducible term is not negative
             a, c = float(np.linalg.lstsq(A[:, :1], y, rcond=None)[0][0]), 0.0
         err = float(((a * n**b + c - y) ** 2).sum())
         if best is None or err < best[0]:
@@ -199,16 +200,19 @@ def claim_power_law(rows: list[Row]) -> str:
         by_k.setdefault(int(r.checkpoint["k"]), []).append(r)
     lines = []
     for k, rs in sorted(by_k.items()):
-        ns = sorted({int(r.checkpoint["n_latents"]) for r in rs})
-        if len(ns) < 3:
+        rs = sorted(rs, key=lambda r: r.checkpoint["n_latents"])
+        if len({r.checkpoint["n_latents"] for r in rs}) < 3:
             continue
         n = np.array([r.checkpoint["n_latents"] for r in rs], dtype=float)
         y = np.array([r.get("core", "nmse") for r in rs])
         a, b, c = fit_power_law(n, y)
-        lines.append(f"  - k={k}: nmse = {a:.4g} n^{b:.3f} + {c:.4g} over n in {ns}")
+        falls = a > 0 and b < 0
+        measured = ", ".join(f"n={int(ni)}: {yi:.4f}" for ni, yi in zip(n, y, strict=True))
+        verdict = "falls with n" if falls else "does NOT fall with n here"
+        lines.append(f"  - k={k}: {measured}; fit nmse = {a:.4g} n^{b:.3f} + {c:.4g}: {verdict}")
     if not lines:
         return "not measured: needs TopK checkpoints at 3 or more sizes n for one k"
-    return "nmse as a power law in n with an irreducible term (a n^b + c):\n" + "\n".join(lines)
+    return "fit of a n^b + c to nmse over n (TopK, per k):\n" + "\n".join(lines)
 
 
 # --- plots --------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     text = path.read_text()
     assert "TopK has the lower nmse at matched L0 for 1 of 1 ReLU checkpoints" in text
     assert "dead fraction at most 0.0200" in text and "(topk (no AuxK, untied init)): 0.4000" in text
-    fit = re.search(r"k=32: nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+)", text)
+    fit = re.search(r"k=32: .*fit nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+): falls with n", text)
     assert (
         fit
         and float(fit[2]) == pytest.approx(-0.5, abs=0.01)
@@ -94,3 +94,11 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
 def test_empty_results_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no result files"):
         generate([tmp_path], tmp_path / "lb")
+
+
+def test_power_law_claim_reports_when_nmse_rises_with_n(tmp_path):
+    from saebench.leaderboard import claim_power_law
+
+    for n in (1024, 2048, 4096):
+        write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.2 + 0.01 * n / 1024, 32, 0.0)
+    assert "does NOT fall with n here" in claim_power_law(collect_rows([tmp_path]))
