@@ -79,7 +79,7 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     out = tmp_path / "lb"
     path = generate([results], out)
     text = path.read_text()
-    assert "TopK has the lower nmse at matched L0 for 1 of 1 ReLU checkpoints" in text
+    assert "for 1 of 1 comparable ReLU checkpoints" in text
     assert "dead fraction at most 0.0200" in text and "(topk (no AuxK, untied init)): 0.4000" in text
     fit = re.search(r"k=32: .*fit nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+): falls with n", text)
     assert (
