@@ -32,23 +32,31 @@ def corpus_file(tmp_path):
     return write_corpus(tmp_path / "corpus.txt")
 
 
+def tiny_eval_config(tmp_path, corpus_file, **overrides):
+    """Evaluation settings for the tiny model: 12 windows of 16 tokens at layer 1, cache in tmp_path."""
+    from saebench.context import EvalConfig
+
+    settings = dict(
+        model="tiny",
+        layer=1,
+        corpus=str(corpus_file),
+        n_tokens=12 * 15,
+        ctx=16,
+        batch_size=5,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    return EvalConfig(**{**settings, **overrides})
+
+
 @pytest.fixture
 def make_context(tmp_path, corpus_file, tiny_llama):
-    """EvalContext factory on the tiny model: 12 windows of 16 tokens at layer 1, cache in tmp_path."""
-    from saebench.context import EvalConfig, EvalContext
+    """EvalContext factory on the tiny model (see `tiny_eval_config`)."""
+    from saebench.context import EvalContext
 
     def make(model=None, **overrides):
-        cfg = EvalConfig(
-            model="tiny",
-            layer=1,
-            corpus=str(corpus_file),
-            n_tokens=12 * 15,
-            ctx=16,
-            batch_size=5,
-            cache_dir=str(tmp_path / "cache"),
-            **overrides,
+        return EvalContext(
+            tiny_eval_config(tmp_path, corpus_file, **overrides), preloaded_model=model or tiny_llama
         )
-        return EvalContext(cfg, preloaded_model=model or tiny_llama)
 
     return make
 

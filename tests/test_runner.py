@@ -2,23 +2,15 @@ import json
 
 import pytest
 
-from saebench.context import EvalConfig
 from saebench.runner import RunConfig, Runner, summary_table
+from tests.conftest import tiny_eval_config
 
 
 def make_runner(tmp_path, corpus_file, model, checkpoint, metrics=("core", "downstream"), **kw):
     cfg = RunConfig(
         checkpoint=checkpoint,
         metrics=list(metrics),
-        eval=EvalConfig(
-            model="tiny",
-            layer=1,
-            corpus=str(corpus_file),
-            n_tokens=8 * 15,
-            ctx=16,
-            batch_size=4,
-            cache_dir=str(tmp_path / "cache"),
-        ),
+        eval=tiny_eval_config(tmp_path, corpus_file, n_tokens=8 * 15, batch_size=4),
         out=str(tmp_path / "results"),
         **kw,
     )
