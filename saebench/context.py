@@ -285,7 +285,12 @@ class EvalContext:
         from saebench.sae.sae import Reconstruction, SparseCodes
 
         resid, d = self.resid, self.resid.shape[-1]
-        memo = self._x_hat_memo.setdefault(id(sae), {})
+        if id(sae) not in self._x_hat_memo:
+            self._x_hat_memo[id(sae)] = (
+                torch.empty(resid.shape[0], resid.shape[1] - 1, d),
+                torch.zeros(resid.shape[0], dtype=torch.bool),
+            )
+        kept, done = self._x_hat_memo[id(sae)]
         scratch = sae.scratch(chunk_tokens)
         for start, stop in self.window_batches(batch):
             x = torch.from_numpy(np.array(resid[start:stop, 1:])).to(self.device, sae.W_enc.dtype)
@@ -308,24 +313,16 @@ class EvalContext:
                     torch.cat([pad(p.codes.values) for p in parts]),
                 ),
             )
-            memo[start] = rec.x_hat.reshape(x.shape).cpu()
+            kept[start:stop] = rec.x_hat.reshape(x.shape).cpu()
+            done[start:stop] = True
             yield start, stop, x, rec
 
     def x_hat(self, sae, start: int, stop: int) -> torch.Tensor:
         """Raw reconstructions of positions 1.. of windows [start, stop), reusing an earlier encode."""
-        memo = self._x_hat_memo.get(id(sae), {})
-        pieces, at = [], start
-        while at < stop:
-            hit = next((s for s in memo if s <= at < s + len(memo[s])), None)
-            if hit is None:
-                break
-            pieces.append(memo[hit][at - hit : stop - hit])
-            at = hit + len(memo[hit])
-        if at >= stop:
-            return torch.cat(pieces).to(self.device)
-        for _ in self.reconstruct_batches(sae):
-            pass
-        return self.x_hat(sae, start, stop)
+        if id(sae) not in self._x_hat_memo or not self._x_hat_memo[id(sae)][1][start:stop].all():
+            for _ in self.reconstruct_batches(sae):
+                pass
+        return self._x_hat_memo[id(sae)][0][start:stop].to(self.device)
 
     def forget(self, sae) -> None:
         """Drop what was kept for this SAE."""

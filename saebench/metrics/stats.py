@@ -44,8 +44,3 @@ def ratio_estimate(num, den, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> 
     with np.errstate(divide="ignore", invalid="ignore"):
         samples = (w @ a) / (w @ b)
     return Estimate(float(a.sum() / b.sum()), *_interval(samples), n=int(a.size), unit=unit)
-
-
-def weighted_mean_estimate(sums, counts, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> Estimate:
-    """Per-item mean where each unit contributes a sum over `counts` items (e.g. tokens in a window)."""
-    return ratio_estimate(sums, counts, unit, seed, n_boot)

@@ -79,3 +79,22 @@ def test_clean_pass_is_cached_once(make_context):
     key = {"n_windows": len(again.windows), "exclude_special": True}
     assert again.store("eval-downstream", key).has("unembed_mean", "clean_term", "ce_clean", "ce_zero")
     np.testing.assert_array_equal(np.array(again.clean["ce_clean"]), first)
+
+
+def test_downstream_after_core_does_not_encode_again(make_context):
+    from saebench.metrics.core import CoreParams
+    from saebench.metrics.core import compute as core
+
+    ctx = make_context()
+    sae = random_sae(ctx.model.d_model, 64, k=4)
+    calls = []
+    original = sae.reconstruct
+    sae.reconstruct = lambda *a, **k: calls.append(1) or original(*a, **k)
+    core(ctx, sae, CoreParams())
+    after_core = len(calls)
+    assert after_core > 0
+    downstream(ctx, sae, DownstreamParams())
+    assert len(calls) == after_core
+    ctx.forget(sae)
+    downstream(ctx, sae, DownstreamParams())  # forgotten: encodes once more, same result
+    assert len(calls) == 2 * after_core
