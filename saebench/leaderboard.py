@@ -55,6 +55,8 @@ def _training_variant(config: dict) -> str | None:
         departures.append("untied init")
     if config.get("multi_topk"):
         departures.append("Multi-TopK")
+    if config.get("lr") is not None:
+        departures.append(f"lr {config['lr']:.3g}")
     return ", ".join(departures) or None
 
 
@@ -136,9 +138,7 @@ def claim_topk_frontier(rows: list[Row]) -> str:
             tv = _loglog_interp(frontier, l0)
             target = ((r.checkpoint.get("training") or {}).get("config") or {}).get("l1_target_l0")
             missed = (
-                f" (its L1 calibration aimed at L0 {target:g})"
-                if target and not 0.5 < l0 / target < 2
-                else ""
+                f" (its lambda search aimed at L0 {target:g})" if target and not 0.5 < l0 / target < 2 else ""
             )
             if tv is None:
                 # outside the TopK L0 range: beaten only if a TopK checkpoint is sparser and more accurate
@@ -186,7 +186,13 @@ def _loglog_interp(frontier, x: float) -> float | None:
 
 def claim_dead_latents(rows: list[Row]) -> str:
     with_aux = [r for r in rows if r.family == "topk" and r.get("core", "dead_frac") is not None]
-    without = [r for r in rows if r.family.startswith("topk (") and r.get("core", "dead_frac") is not None]
+    without = [
+        r
+        for r in rows
+        if r.family.startswith("topk (")
+        and ("AuxK" in r.family or "untied" in r.family)
+        and r.get("core", "dead_frac") is not None
+    ]
     if not with_aux:
         return "not measured: needs TopK checkpoints with core results"
     worst = max(with_aux, key=lambda r: r.get("core", "dead_frac"))
@@ -214,14 +220,13 @@ def fit_power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def claim_power_law(rows: list[Row]) -> str:
-    topk = [
-        r for r in rows if r.family == "topk" and r.get("core", "nmse") is not None and r.checkpoint.get("k")
-    ]
-    by_k: dict[int, list[Row]] = {}
-    for r in topk:
-        by_k.setdefault(int(r.checkpoint["k"]), []).append(r)
+    """Fit a n^b + c to nmse over n per k, for each TopK family (the recipe, and variants like a fixed lr)."""
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for r in rows:
+        if r.family.split(" (")[0] == "topk" and r.get("core", "nmse") is not None and r.checkpoint.get("k"):
+            groups.setdefault((r.family, int(r.checkpoint["k"])), []).append(r)
     lines = []
-    for k, rs in sorted(by_k.items()):
+    for (family, k), rs in sorted(groups.items(), key=lambda item: (item[0][0] != "topk", item[0])):
         rs = sorted(rs, key=lambda r: r.checkpoint["n_latents"])
         if len({r.checkpoint["n_latents"] for r in rs}) < 3:
             continue
@@ -231,7 +236,8 @@ def claim_power_law(rows: list[Row]) -> str:
         falls = a > 0 and b < 0
         measured = ", ".join(f"n={int(ni)}: {yi:.4f}" for ni, yi in zip(n, y, strict=True))
         verdict = "falls with n" if falls else "does NOT fall with n here"
-        lines.append(f"  - k={k}: {measured}; fit nmse = {a:.4g} n^{b:.3f} + {c:.4g}: {verdict}")
+        name = "" if family == "topk" else f"{family}, "
+        lines.append(f"  - {name}k={k}: {measured}; fit nmse = {a:.4g} n^{b:.3f} + {c:.4g}: {verdict}")
     if not lines:
         return "not measured: needs TopK checkpoints at 3 or more sizes n for one k"
     return "fit of a n^b + c to nmse over n (TopK, per k):\n" + "\n".join(lines)

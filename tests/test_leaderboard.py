@@ -8,9 +8,10 @@ from saebench.leaderboard import collect_rows, fit_power_law, generate, table
 from saebench.results import RESULT_SCHEMA
 
 
-def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None):
+def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None, lr=None):
     # the ablation run's training config departs from the recipe: the leaderboard reads that from it
     config = {"activation": arch, "auxk_alpha": 0.0, "tied_init": False} if variant else {"activation": arch}
+    config["lr"] = lr
     ck = {
         "label": label,
         "architecture": arch,
@@ -102,3 +103,18 @@ def test_power_law_claim_reports_when_nmse_rises_with_n(tmp_path):
     for n in (1024, 2048, 4096):
         write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.2 + 0.01 * n / 1024, 32, 0.0)
     assert "does NOT fall with n here" in claim_power_law(collect_rows([tmp_path]))
+
+
+def test_power_law_is_fitted_per_topk_family_and_lr_variants_stay_out_of_the_dead_latent_claim(tmp_path):
+    from saebench.leaderboard import claim_dead_latents, claim_power_law
+
+    for n in (1024, 2048, 4096):
+        write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.2 + 0.01 * n / 1024, 32, 0.0)
+        write(tmp_path, f"topk-n{n}-fixedlr", "topk", n, 32, 0.05 + 3.0 * n**-0.5, 32, 0.5, lr=5e-4)
+    rows = collect_rows([tmp_path])
+    assert {r.family for r in rows} == {"topk", "topk (lr 0.0005)"}
+    lines = claim_power_law(rows).splitlines()
+    assert lines[1].startswith("  - k=32:") and "does NOT fall with n here" in lines[1]
+    assert lines[2].startswith("  - topk (lr 0.0005), k=32:") and "falls with n" in lines[2]
+    dead = claim_dead_latents(rows)
+    assert "over 3 checkpoints" in dead and "0.5000" not in dead

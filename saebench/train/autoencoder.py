@@ -86,7 +86,8 @@ class TrainableSAE(nn.Module):
     # --- initialisation and the unit-norm constraint -------------------------------------------------------
     @torch.no_grad()
     def initialize(self, b_pre: torch.Tensor, generator: torch.Generator) -> None:
-        """Random unit-norm decoder rows, W_enc = W_dec (tied) or independent unit rows, b_enc = 0."""
+        """Random unit-norm decoder rows; W_enc = W_dec (tied) or independent unit rows, times the encoder
+        init scale; b_enc = 0."""
         shape = self.W_dec.shape
         dec = torch.randn(shape, generator=generator, dtype=torch.float64)
         self.W_dec.copy_(dec / dec.norm(dim=1, keepdim=True))
@@ -95,6 +96,7 @@ class TrainableSAE(nn.Module):
         else:
             enc = torch.randn(shape, generator=generator, dtype=torch.float64)
             self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+        self.W_enc.mul_(self.config.effective_encoder_init_scale(self.d_in))
         self.b_enc.zero_()
         self.b_pre.copy_(b_pre)
 

@@ -38,19 +38,21 @@ class TrainConfig:
     tied_init: bool = True
     """Initialise the encoder to the transpose of the decoder; False draws independent random directions."""
 
-    l1_coefficient: float = 0.03
+    encoder_init_scale: float | None = None
+    """The initial encoder rows' norm; None means 1 for 'topk' (the paper's tied init) and 2 d_in / n_latents
+    for 'relu', where about half the latents fire at init and unit rows would make the first
+    reconstructions ~n / (2 d_in) times too large."""
+
+    l1_coefficient: float = 0.1
     """'relu': lambda in nmse + lambda * sum_t ||z_t||_1 / (N * rms), rms = sqrt(sum_t ||u_t - mean||^2 / N);
-    the starting value when `l1_target_l0` is set."""
+    fixed during training (after the warm-up)."""
+
+    l1_warmup: float = 0.05
+    """'relu': lambda rises linearly from 0 over this fraction of max_tokens (none without max_tokens)."""
 
     l1_target_l0: float | None = None
-    """'relu': adapt lambda multiplicatively towards this mean L0 during the first `l1_calibration` of the
-    run, then hold it fixed (how the baseline's lambda is chosen per k)."""
-
-    l1_calibration: float = 0.5
-    """Fraction of max_tokens during which lambda is adapted (the trainer needs max_tokens for it)."""
-
-    l1_adapt_rate: float = 0.01
-    """Per step, lambda *= (L0 / l1_target_l0) ** l1_adapt_rate while calibrating."""
+    """'relu': the mean L0 the sweep runner aims for by searching lambda over fixed-lambda runs
+    (`l1_search.py`); the trainer itself ignores it."""
 
     lr: float | None = None
     """Adam learning rate, constant; None means 2e-4 / sqrt(n_latents / 2**14) (the paper's 1/sqrt(n) law)."""
@@ -114,6 +116,10 @@ class TrainConfig:
             raise ValueError(
                 "AuxK and Multi-TopK apply to TopK SAEs: leave auxk_alpha and multi_topk unset for relu"
             )
+        if not 0 <= self.l1_warmup < 1:
+            raise ValueError(f"l1_warmup is a fraction of the run in [0, 1), got {self.l1_warmup}")
+        if self.encoder_init_scale is not None and not self.encoder_init_scale > 0:
+            raise ValueError(f"encoder_init_scale must be positive, got {self.encoder_init_scale}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -124,6 +130,11 @@ class TrainConfig:
         if self.auxk_alpha is not None:
             return self.auxk_alpha
         return 1 / 32 if self.activation == "topk" else 0.0
+
+    def effective_encoder_init_scale(self, d_in: int) -> float:
+        if self.encoder_init_scale is not None:
+            return self.encoder_init_scale
+        return 1.0 if self.activation == "topk" else min(1.0, 2 * d_in / self.n_latents)
 
     def effective_k_aux(self, d_in: int) -> int:
         return self.k_aux if self.k_aux is not None else d_in // 2

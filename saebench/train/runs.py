@@ -7,12 +7,18 @@ starts fresh.  A sweep is a list of runs over one shared activation stream.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
+from saebench.data.cache import atomic_write_bytes
+from saebench.sae.formats.native import save_native
+from saebench.sae.load import load_sae
 from saebench.sae.sae import SAEInfo
 from saebench.train.config import TrainConfig
+from saebench.train.l1_search import MAX_TRIALS, TOLERANCE, Trial, accepted, closest, next_lambda
 from saebench.train.state import STATE_FILE
 from saebench.train.stream import activation_stream, stream_length
 from saebench.train.trainer import SAE_FOLDER, Trainer
@@ -27,37 +33,130 @@ def run_status(run_dir: Path) -> str:
 
 
 def train_runs(context, configs: dict[str, TrainConfig], out: Path, n_tokens: int) -> list[Path]:
-    """Train each named config on `n_tokens` training tokens at the context's site; return checkpoints."""
+    """Train each named config on `n_tokens` training tokens at the context's site; return checkpoints.
+
+    A ReLU config with `l1_target_l0` searches lambda (`search_l1`); every other config is one run.
+    """
     out = Path(out)
-    done = []
     run_tokens = stream_length(context, n_tokens) if configs else 0
+    done = []
     for name, config in configs.items():
-        run_dir = out / name
-        status = run_status(run_dir)
-        if status == "complete":
-            print(f"{name}: complete, skipped", file=sys.stderr)
-            done.append(run_dir / SAE_FOLDER)
-            continue
         config = dataclasses.replace(config, max_tokens=run_tokens)
-        if status == "partial":
-            trainer = Trainer.resume(run_dir, device=config.device)
-            if trainer.config.max_tokens != run_tokens:
-                raise ValueError(
-                    f"{run_dir} was started with {trainer.config.max_tokens} tokens, not {n_tokens}: "
-                    "use the same --n-tokens or another --out"
-                )
-            print(f"{name}: resuming at {trainer.tokens_seen} tokens", file=sys.stderr)
+        if config.activation == "relu" and config.l1_target_l0 is not None:
+            done.append(search_l1(context, name, config, out, n_tokens))
         else:
-            info = SAEInfo(
-                format="native",
-                architecture=config.activation,
-                model_name=context.config.model,
-                layer=context.layer,
-                site_name=f"resid_post.{context.layer}",
-                context_size=context.config.ctx,
-            )
-            trainer = Trainer(config, context.model.d_model, out_dir=run_dir, info=info)
-            print(f"{name}: training on {run_tokens} tokens", file=sys.stderr)
-        trainer.fit(activation_stream(context, n_tokens, seed=config.seed))
-        done.append(run_dir / SAE_FOLDER)
+            done.append(train_run(context, name, config, out / name, n_tokens))
     return done
+
+
+def train_run(context, name: str, config: TrainConfig, run_dir: Path, n_tokens: int) -> Path:
+    """One run into run_dir (skipped when complete, resumed when partial); returns its checkpoint."""
+    status = run_status(run_dir)
+    if status == "complete":
+        print(f"{name}: complete, skipped", file=sys.stderr)
+        return run_dir / SAE_FOLDER
+    if status == "partial":
+        trainer = Trainer.resume(run_dir, device=config.device)
+        if trainer.config.max_tokens != config.max_tokens:
+            raise ValueError(
+                f"{run_dir} was started with {trainer.config.max_tokens} tokens, not {config.max_tokens}: "
+                "use the same --n-tokens or another --out"
+            )
+        print(f"{name}: resuming at {trainer.tokens_seen} tokens", file=sys.stderr)
+    else:
+        info = SAEInfo(
+            format="native",
+            architecture=config.activation,
+            model_name=context.config.model,
+            layer=context.layer,
+            site_name=f"resid_post.{context.layer}",
+            context_size=context.config.ctx,
+        )
+        trainer = Trainer(config, context.model.d_model, out_dir=run_dir, info=info)
+        print(f"{name}: training on {config.max_tokens} tokens", file=sys.stderr)
+    trainer.fit(activation_stream(context, n_tokens, seed=config.seed))
+    return run_dir / SAE_FOLDER
+
+
+# --- the ReLU baseline's lambda search -------------------------------------------------------------------
+#: folder (inside a sweep's out) holding the fixed-lambda trials, one subfolder per trial family
+SEARCH_FOLDER = "l1-search"
+#: fields that do not change a ReLU run's L0(lambda) curve: they name the trial or the target
+_SEARCH_FREE = ("l1_coefficient", "l1_target_l0", "k", "device")
+
+
+def _family(config: TrainConfig) -> str:
+    """Trials share a family when everything but lambda (and the target) is equal."""
+    key = {f: v for f, v in config.to_dict().items() if f not in _SEARCH_FREE}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"relu-n{config.n_latents}-{digest}"
+
+
+def _trials(folder: Path) -> list[Trial]:
+    """Finished trials under one family folder."""
+    trials = []
+    for cfg in sorted(folder.glob(f"*/{SAE_FOLDER}/cfg.json")):
+        training = json.loads(cfg.read_text()).get("training", {})
+        if training.get("complete"):
+            last = training["last_log"]
+            trials.append(Trial(training["config"]["l1_coefficient"], last["l0"], last["nmse"]))
+    return trials
+
+
+def _start(out: Path, config: TrainConfig, target: float) -> float:
+    """First lambda for a family without trials: from the trials of the nearest dictionary size."""
+    sizes = {}
+    for folder in (out / SEARCH_FOLDER).glob("relu-n*-*"):
+        size = folder.name[len("relu-n") :].partition("-")[0]
+        if not size.isdigit() or _family(dataclasses.replace(config, n_latents=int(size))) != folder.name:
+            continue
+        if trials := _trials(folder):
+            sizes[int(size)] = trials
+    if not sizes:
+        return config.l1_coefficient
+    nearest = min(sizes, key=lambda size: abs(math.log(size / config.n_latents)))
+    return next_lambda(sizes[nearest], target, config.l1_coefficient)
+
+
+def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int) -> Path:
+    """Fixed-lambda ReLU runs until one ends within TOLERANCE of config.l1_target_l0 (at most MAX_TRIALS
+    new runs for this target); the closest is copied to out/name/sae with the search in its provenance."""
+    run_dir = out / name
+    if run_status(run_dir) == "complete":
+        print(f"{name}: complete, skipped", file=sys.stderr)
+        return run_dir / SAE_FOLDER
+    target = config.l1_target_l0
+    family = out / SEARCH_FOLDER / _family(config)
+    log_file = run_dir / "l1_search.json"
+    tried = json.loads(log_file.read_text())["tried"] if log_file.exists() else []
+    start = _start(out, config, target)
+    trials = _trials(family)
+    while not any(accepted(t, target) for t in trials) and len(tried) < MAX_TRIALS:
+        lam = float(f"{next_lambda(trials, target, start):.4g}")
+        if any(t.l1_coefficient == lam for t in trials):
+            break  # L0 is not monotone in lambda around here (run-to-run noise): no new run would help
+        if lam not in tried:  # else a trial interrupted earlier, resumed below
+            tried.append(lam)
+            atomic_write_bytes(log_file, json.dumps({"target_l0": target, "tried": tried}).encode())
+        print(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})", file=sys.stderr)
+        trial = dataclasses.replace(config, l1_coefficient=lam)
+        train_run(context, f"{name} lambda={lam:g}", trial, family / f"lambda-{lam:g}", n_tokens)
+        trials = _trials(family)
+    best = closest(trials, target)
+    if not accepted(best, target):
+        print(
+            f"{name}: no trial within {TOLERANCE}x of L0 {target:g}; using lambda {best.l1_coefficient:g} "
+            f"(L0 {best.l0:.1f})",
+            file=sys.stderr,
+        )
+    source = family / f"lambda-{best.l1_coefficient:g}" / SAE_FOLDER
+    sae = load_sae(source)
+    training = dict(sae.info.extra["training"])
+    training["config"] = {**training["config"], "l1_target_l0": target, "k": config.k}
+    training["l1_search"] = {
+        "target_l0": target,
+        "tolerance": TOLERANCE,
+        "chosen": best._asdict(),
+        "trials": [t._asdict() for t in sorted(trials)],
+    }
+    return save_native(sae, run_dir / SAE_FOLDER, training=training)

@@ -61,8 +61,6 @@ class Trainer:
         out_dir: str | Path | None = None,
         info: SAEInfo | None = None,
     ):
-        if config.l1_target_l0 is not None and config.max_tokens is None:
-            raise ValueError("l1_target_l0 calibrates lambda over a fraction of the run: set max_tokens")
         self.config = config
         self.d_in = d_in
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -154,6 +152,7 @@ class Trainer:
         n_tokens = u.shape[0]
         total_variance = (u - u.mean(0)).pow(2).sum()
         if self.config.activation == "relu":
+            self.model.l1_coefficient = self.l1_coefficient_at(self.step)
             # dense latents: back-propagate chunk by chunk so that memory stays bounded; each chunk's loss
             # is its share of the batch loss (sums over the batch's variance and token count)
             chunk = max(1, self.config.chunk_elements // self.config.n_latents)
@@ -184,14 +183,13 @@ class Trainer:
         self.tokens_since_fired[fired] = 0
         self.step += 1
         self.tokens_seen += n_tokens
-        if self.config.l1_target_l0 is not None and self.tokens_seen <= self._calibration_tokens():
-            # multiplicative controller on lambda: L0 above target -> larger lambda
-            ratio = float(stats.l0.clamp_min(0.1)) / self.config.l1_target_l0
-            self.model.l1_coefficient *= ratio**self.config.l1_adapt_rate
         return stats
 
-    def _calibration_tokens(self) -> float:
-        return self.config.l1_calibration * (self.config.max_tokens or 0)
+    def l1_coefficient_at(self, step: int) -> float:
+        """lambda for optimizer step `step` (0-based): the configured value after a linear warm-up."""
+        warmup = self.config.l1_warmup * (self.config.max_tokens or 0) / self.config.batch_size
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 1 else 1.0
+        return self.config.l1_coefficient * ramp
 
     def _log(self) -> dict:
         window = StepStats(*(torch.stack(column).mean() for column in zip(*self._window, strict=True)))
@@ -227,7 +225,7 @@ class Trainer:
             "k_aux": self.model.k_aux,
             "auxk_alpha": self.model.auxk_alpha,
             "dead_tokens": self.dead_tokens,
-            "l1_coefficient": self.model.l1_coefficient,
+            "l1_coefficient": self.config.l1_coefficient if self.config.activation == "relu" else None,
             "input_normalization": self.normalization.to_dict(),
             "seed": self.config.seed,
             "steps": self.step,
@@ -258,7 +256,6 @@ class Trainer:
             "info": {key: value for key, value in asdict(self.info).items() if key != "extra"},
             "model": {name: value.detach().cpu() for name, value in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "l1_coefficient": self.model.l1_coefficient,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "tokens_since_fired": self.tokens_since_fired.cpu(),
@@ -279,7 +276,6 @@ class Trainer:
         trainer = cls(config, state["d_in"], out_dir=out_dir, info=SAEInfo(**state["info"]))
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.model.l1_coefficient = state["l1_coefficient"]
         trainer.step = state["step"]
         trainer.tokens_seen = state["tokens_seen"]
         trainer.tokens_since_fired.copy_(state["tokens_since_fired"])

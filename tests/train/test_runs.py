@@ -1,8 +1,11 @@
+import json
+
 import torch
 
 from saebench.sae.load import find_checkpoints, load_sae
 from saebench.train.config import TrainConfig
-from saebench.train.runs import run_status, train_runs
+from saebench.train.l1_search import MAX_TRIALS, Trial, accepted, closest
+from saebench.train.runs import SEARCH_FOLDER, run_status, train_runs
 from saebench.train.stream import activation_stream
 
 
@@ -33,3 +36,41 @@ def test_train_runs_writes_loadable_checkpoints_and_skips_finished(make_context,
     before = (path / "sae.safetensors").stat().st_mtime_ns
     train_runs(ctx, configs, out, n_tokens=600)
     assert (path / "sae.safetensors").stat().st_mtime_ns == before
+
+
+def test_relu_target_searches_fixed_lambda_runs_and_records_the_search(make_context, tmp_path):
+    ctx = make_context()
+    base = dict(
+        activation="relu",
+        n_latents=64,
+        batch_size=32,
+        lr=0.01,
+        geometric_median_tokens=128,
+        checkpoint_every=0,
+    )
+    configs = {
+        "relu-l8": TrainConfig(**base, k=8, l1_target_l0=8),
+        "relu-l16": TrainConfig(**base, k=16, l1_target_l0=16),
+    }
+    out = tmp_path / "runs"
+    paths = train_runs(ctx, configs, out, n_tokens=2000)
+    (family,) = (out / SEARCH_FOLDER).iterdir()
+    trial_dirs = sorted(family.iterdir())
+    assert 1 < len(trial_dirs) <= 2 * MAX_TRIALS
+    for path, target in zip(paths, (8, 16), strict=True):
+        training = load_sae(path).info.extra["training"]
+        search = training["l1_search"]
+        trials = [Trial(**t) for t in search["trials"]]
+        chosen = Trial(**search["chosen"])
+        # the checkpoint is the trial closest to the target, trained at one fixed lambda
+        assert chosen == closest(trials, target)
+        assert training["config"]["l1_coefficient"] == chosen.l1_coefficient
+        assert training["config"]["l1_target_l0"] == target and training["last_log"]["l0"] == chosen.l0
+        assert (
+            accepted(chosen, target)
+            or len(json.loads((path.parent / "l1_search.json").read_text())["tried"]) == MAX_TRIALS
+        )
+    # a rerun trains nothing new
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    train_runs(ctx, configs, out, n_tokens=2000)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before

@@ -114,18 +114,36 @@ def test_checkpoint_loads_and_reproduces_the_trainer(tmp_path):
     assert cfg["normalization"]["kind"] == "layer_norm" and cfg["k"] == 4
 
 
-def test_relu_baseline_learns_and_calibrates_lambda_towards_target_l0():
+def test_relu_baseline_learns_at_a_fixed_lambda_after_warmup():
     data = planted_batches(40, 128, d=D, seed=8)
-    config = tiny(activation="relu", max_tokens=40 * 128, l1_target_l0=4)
+    config = tiny(activation="relu", max_tokens=40 * 128, l1_coefficient=0.2, l1_warmup=0.25, log_every=5)
     trainer = Trainer(config, D)
+    # lambda ramps linearly over the first 10 of 40 steps, then stays at the configured value
+    ramp = [trainer.l1_coefficient_at(step) for step in range(40)]
+    assert ramp[0] == pytest.approx(0.02) and ramp[4] == pytest.approx(0.1)
+    assert ramp[9:] == [0.2] * 31
     trainer.fit(data, progress=False)
     history = trainer.history
-    # L0 starts far above 4, so lambda rises while calibrating (first half) and is then held fixed
-    assert history[0]["l0"] > 8
-    assert history[1]["l1_coefficient"] > config.l1_coefficient
-    assert history[-1]["l1_coefficient"] == history[-2]["l1_coefficient"]
+    assert history[0]["l1_coefficient"] < 0.2 and history[-1]["l1_coefficient"] == 0.2
     assert history[-1]["l0"] < 0.85 * history[0]["l0"]
-    assert history[-1]["nmse"] < 0.5 * history[0]["nmse"]
+    assert history[-1]["nmse"] < history[0]["nmse"]
+    assert trainer.provenance()["l1_coefficient"] == 0.2
+
+
+def test_relu_encoder_starts_scaled_so_first_reconstructions_have_the_input_scale():
+    config = tiny(activation="relu", n_latents=480)
+    trainer = Trainer(config, D)
+    data = planted_batches(1, 512, d=D, seed=3)[0]
+    trainer.initialize(data)
+    norms = trainer.model.W_enc.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 2 * D / 480))
+    u, _ = trainer.normalization.apply(data)
+    out = trainer.model(u)
+    # unit encoder rows would give nmse ~ (n / 2d)^2 = 100 here; the scaled init starts near 1
+    assert out.nmse < 2
+    topk = Trainer(tiny(), D)
+    topk.initialize(data)
+    torch.testing.assert_close(topk.model.W_enc.norm(dim=1), torch.ones(96))
 
 
 def test_relu_chunked_backward_equals_one_chunk():
@@ -156,5 +174,7 @@ def test_config_round_trips_and_rejects_bad_values():
         TrainConfig(activation="relu", auxk_alpha=0.1)
     with pytest.raises(ValueError, match="k <= n_latents"):
         TrainConfig(k=10, n_latents=8)
-    with pytest.raises(ValueError, match="max_tokens"):
-        Trainer(TrainConfig(activation="relu", l1_target_l0=8), 16)
+    with pytest.raises(ValueError, match="l1_warmup"):
+        TrainConfig(activation="relu", l1_warmup=1.5)
+    with pytest.raises(ValueError, match="encoder_init_scale"):
+        TrainConfig(encoder_init_scale=0.0)
