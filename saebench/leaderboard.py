@@ -202,6 +202,17 @@ def claim_dead_latents(rows: list[Row]) -> str:
     )
     for r in without:
         text += f"; {r.label} ({r.family}): {r.get('core', 'dead_frac'):.4f}"
+        twin = [
+            t
+            for t in with_aux
+            if (t.checkpoint.get("n_latents"), t.checkpoint.get("k"))
+            == (r.checkpoint.get("n_latents"), r.checkpoint.get("k"))
+        ]
+        if twin and r.get("core", "nmse") is not None and twin[0].get("core", "nmse") is not None:
+            text += (
+                f", with nmse {r.get('core', 'nmse'):.4f} against {twin[0].get('core', 'nmse'):.4f} "
+                f"for the recipe at the same n and k ({twin[0].label})"
+            )
     return text
 
 
