@@ -213,6 +213,13 @@ def claim_dead_latents(rows: list[Row]) -> str:
                 f", with nmse {r.get('core', 'nmse'):.4f} against {twin[0].get('core', 'nmse'):.4f} "
                 f"for the recipe at the same n and k ({twin[0].label})"
             )
+    relu = [
+        r.get("core", "dead_frac")
+        for r in rows
+        if r.family == "relu" and r.get("core", "dead_frac") is not None
+    ]
+    if relu:
+        text += f"; ReLU + L1 for contrast: {min(relu):.4f} to {max(relu):.4f} over {len(relu)} checkpoints"
     return text
 
 

@@ -83,6 +83,7 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     assert "for 1 of 1 comparable ReLU checkpoints" in text
     assert "dead fraction at most 0.0200" in text and "(topk (no AuxK, untied init)): 0.4000" in text
     assert "with nmse 0.2000 against 0.1437 for the recipe at the same n and k (topk-n1024-k32)" in text
+    assert "ReLU + L1 for contrast: 0.3000 to 0.3000 over 1 checkpoints" in text
     fit = re.search(r"k=32: .*fit nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+): falls with n", text)
     assert (
         fit
