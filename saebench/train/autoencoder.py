@@ -73,7 +73,6 @@ class TrainableSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         self.k_aux = config.effective_k_aux(d_in)
         self.auxk_alpha = config.effective_auxk_alpha()
-        self.l1_coefficient = config.l1_coefficient
 
     @property
     def d_in(self) -> int:
@@ -119,20 +118,22 @@ class TrainableSAE(nn.Module):
         dead: torch.Tensor | None = None,
         total_variance: torch.Tensor | None = None,
         n_tokens: int | None = None,
+        l1_coefficient: float = 0.0,
     ) -> TrainOutput:
         """Loss on SAE-space inputs u (tokens, d).
 
         dead: bool (n,) latents AuxK may use.  total_variance / n_tokens: the whole batch's
         sum ||u_t - mean u||^2 and token count when u is one chunk of it (the chunks' losses then add up to
         the batch loss); TopK batches are not chunked here (only their dense pre-activations are).
+        l1_coefficient: the ReLU loss's lambda for this step (the trainer applies its warm-up).
         """
         if total_variance is None:
             total_variance = (u - u.mean(0)).pow(2).sum()
         if self.config.activation == "relu":
-            return self._relu_forward(u, total_variance, n_tokens or u.shape[0])
+            return self._relu_forward(u, total_variance, n_tokens or u.shape[0], l1_coefficient)
         return self._topk_forward(u, dead, total_variance)
 
-    def _relu_forward(self, u, total_variance, n_tokens) -> TrainOutput:
+    def _relu_forward(self, u, total_variance, n_tokens, l1_coefficient) -> TrainOutput:
         z = F.relu(F.linear(u - self.b_pre, self.W_enc, self.b_enc))
         u_hat = z @ self.W_dec + self.b_pre
         recon = nmse(u_hat, u, total_variance)
@@ -142,7 +143,7 @@ class TrainableSAE(nn.Module):
         with torch.no_grad():
             active = z > 0
             fired, l0 = active.any(0), active.sum(1, dtype=z.dtype).mean()
-        return TrainOutput(None, fired, l0, u_hat, recon, zero, zero, l1, recon + self.l1_coefficient * l1)
+        return TrainOutput(None, fired, l0, u_hat, recon, zero, zero, l1, recon + l1_coefficient * l1)
 
     @torch.no_grad()
     def _select(self, u: torch.Tensor, dead: torch.Tensor | None, kk: int):

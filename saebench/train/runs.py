@@ -92,14 +92,14 @@ def _family(config: TrainConfig) -> str:
     return f"relu-n{config.n_latents}-{digest}"
 
 
-def _trials(folder: Path) -> list[Trial]:
-    """Finished trials under one family folder."""
-    trials = []
+def _trials(folder: Path) -> dict[Trial, Path]:
+    """Finished trials under one family folder, each with its checkpoint folder."""
+    trials = {}
     for cfg in sorted(folder.glob(f"*/{SAE_FOLDER}/cfg.json")):
         training = json.loads(cfg.read_text()).get("training", {})
         if training.get("complete"):
             last = training["last_log"]
-            trials.append(Trial(training["config"]["l1_coefficient"], last["l0"], last["nmse"]))
+            trials[Trial(training["config"]["l1_coefficient"], last["l0"], last["nmse"])] = cfg.parent
     return trials
 
 
@@ -111,7 +111,7 @@ def _start(out: Path, config: TrainConfig, target: float) -> float:
         if not size.isdigit() or _family(dataclasses.replace(config, n_latents=int(size))) != folder.name:
             continue
         if trials := _trials(folder):
-            sizes[int(size)] = trials
+            sizes[int(size)] = list(trials)
     if not sizes:
         return config.l1_coefficient
     nearest = min(sizes, key=lambda size: abs(math.log(size / config.n_latents)))
@@ -130,7 +130,8 @@ def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int)
     log_file = run_dir / "l1_search.json"
     tried = json.loads(log_file.read_text())["tried"] if log_file.exists() else []
     start = _start(out, config, target)
-    trials = _trials(family)
+    found = _trials(family)
+    trials = list(found)
     while not any(accepted(t, target) for t in trials) and len(tried) < MAX_TRIALS:
         lam = float(f"{next_lambda(trials, target, start):.4g}")
         if any(t.l1_coefficient == lam for t in trials):
@@ -141,7 +142,8 @@ def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int)
         print(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})", file=sys.stderr)
         trial = dataclasses.replace(config, l1_coefficient=lam)
         train_run(context, f"{name} lambda={lam:g}", trial, family / f"lambda-{lam:g}", n_tokens)
-        trials = _trials(family)
+        found = _trials(family)
+        trials = list(found)
     best = closest(trials, target)
     if not accepted(best, target):
         print(
@@ -149,8 +151,7 @@ def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int)
             f"(L0 {best.l0:.1f})",
             file=sys.stderr,
         )
-    source = family / f"lambda-{best.l1_coefficient:g}" / SAE_FOLDER
-    sae = load_sae(source)
+    sae = load_sae(found[best])
     training = dict(sae.info.extra["training"])
     training["config"] = {**training["config"], "l1_target_l0": target, "k": config.k}
     training["l1_search"] = {

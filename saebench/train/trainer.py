@@ -152,14 +152,16 @@ class Trainer:
         n_tokens = u.shape[0]
         total_variance = (u - u.mean(0)).pow(2).sum()
         if self.config.activation == "relu":
-            self.model.l1_coefficient = self.l1_coefficient_at(self.step)
+            l1_coefficient = self.l1_coefficient_at(self.step)
             # dense latents: back-propagate chunk by chunk so that memory stays bounded; each chunk's loss
             # is its share of the batch loss (sums over the batch's variance and token count)
             chunk = max(1, self.config.chunk_elements // self.config.n_latents)
             fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=self.device)
             sums = torch.zeros(5, dtype=torch.float64, device=self.device)
             for part in u.split(chunk):
-                out = self.model(part, total_variance=total_variance, n_tokens=n_tokens)
+                out = self.model(
+                    part, total_variance=total_variance, n_tokens=n_tokens, l1_coefficient=l1_coefficient
+                )
                 out.loss.backward()
                 fired |= out.fired
                 share = part.shape[0] / n_tokens
@@ -198,7 +200,9 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens_seen,
             **{name: float(value) for name, value in window._asdict().items()},
-            "l1_coefficient": self.model.l1_coefficient,
+            "l1_coefficient": self.l1_coefficient_at(self.step - 1)
+            if self.config.activation == "relu"
+            else None,
             "dead_frac": self.dead_fraction(),
         }
         self.history.append(row)
