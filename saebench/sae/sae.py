@@ -7,17 +7,33 @@ In SAE space (after the input normalisation, see `Normalization`):
                             gated: 1[pre > 0] * relu(exp(r_mag) * (pre - b_enc) + b_mag)
     u_hat   = z @ W_dec + b_dec
 
-and in raw residual space  x_hat = denormalize(u_hat).  `b_pre` is the vector the encoder subtracts first
-(OpenAI's pre_bias, sparsify's b_dec, SAELens' b_dec when apply_b_dec_to_input); zero when the library
-subtracts nothing.  Shapes: W_enc (d, n), W_dec (n, d).  A gated SAE's gate and magnitude paths share W_enc:
-b_enc is the gate bias, and the magnitude path rescales the same projection by exp(r_mag) and adds b_mag.
+and in raw residual space  u = normalize(x),  x_hat = denormalize(u_hat, state), where `state` (an
+`InputState`) is what the input's normalisation leaves behind per token.  `b_pre` is the vector the encoder
+subtracts first (OpenAI's pre_bias, sparsify's b_dec, SAELens' b_dec when apply_b_dec_to_input); zero when
+the library subtracts nothing.  Shapes: W_enc (d, n), W_dec (n, d).  A gated SAE's gate and magnitude paths
+share W_enc: b_enc is the gate bias, and the magnitude path rescales the same projection by exp(r_mag) and
+adds b_mag.
 
 Latents travel as `SparseCodes` (indices, values) of shape (tokens, m): m = k for TopK, else the largest
 number of active latents in the batch, padded with value 0.
+
+Encode and decode, as openai/sparse_autoencoder's `encode -> (latents, info)`, `decode(latents, info)`: the
+state a raw-space decode needs travels with the codes, so nothing downstream calls the normalisation.
+
+    codes, state = sae.encode_codes(x, scratch)   raw x (tokens, d) -> Encoded(SparseCodes, InputState)
+    x_hat = sae.decode_codes(codes, state)        raw x_hat (tokens, d); == forward(x) bit for bit
+    u_hat = sae.decode_sparse(codes)              SAE-space u_hat, no normalisation
+    rec = sae.reconstruct(x, scratch)             Reconstruction(u, u_hat, x_hat, codes, state)
+
+Codes may be edited before decoding (a latent zeroed, values rescaled), and a subset of tokens taken with
+`select(rows)` on codes and state alike.  Decoding is differentiable in `codes.values` on a fixed support
+(and in W_dec, b_dec).  `encode(x)`, `decode(z, x)` and `forward(x)` are the dense equivalents for
+notebooks, on any leading shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -30,7 +46,10 @@ NORMALIZATIONS = ("none", "constant", "token_norm", "layer_norm")
 
 
 class SparseCodes(NamedTuple):
-    """Active latents per token: `indices` (tokens, m) int64 and `values` (tokens, m); padding has value 0."""
+    """Active latents per token: `indices` (tokens, m) int64 and `values` (tokens, m); padding has value 0.
+
+    An encode gives each row distinct indices; the padding that `cat` adds repeats index 0 (value 0).
+    """
 
     indices: torch.Tensor
     values: torch.Tensor
@@ -43,14 +62,108 @@ class SparseCodes(NamedTuple):
         out = self.values.new_zeros(self.values.shape[0], n_latents)
         return out.scatter_add_(1, self.indices, self.values)
 
+    def select(self, rows) -> SparseCodes:
+        """The codes of a subset of tokens: `rows` is an index tensor, a boolean mask or a slice."""
+        return SparseCodes(self.indices[rows], self.values[rows])
+
+    def clone(self) -> SparseCodes:
+        """A copy; made outside torch.inference_mode, it can enter autograd (see `SAE.decode_codes`)."""
+        return SparseCodes(self.indices.clone(), self.values.clone())
+
+    @classmethod
+    def cat(cls, parts: Sequence[SparseCodes]) -> SparseCodes:
+        """Codes of consecutive token batches joined, each padded (index 0, value 0) to the widest m."""
+        width = max(p.indices.shape[1] for p in parts)
+        return cls(
+            torch.cat([F.pad(p.indices, (0, width - p.indices.shape[1])) for p in parts]),
+            torch.cat([F.pad(p.values, (0, width - p.values.shape[1])) for p in parts]),
+        )
+
+
+class InputState(NamedTuple):
+    """What undoing the input normalisation needs, per token: the second output of `Normalization.apply`.
+
+    Each field is None or a (tokens, 1) tensor (`(..., 1)` for inputs of shape (..., d)):
+
+      none, constant  all None: the undo needs nothing per token
+      token_norm      factor = sqrt(d) / ||x||                    x_hat = u_hat / factor
+      layer_norm      mean = mean_d(x), std = std_d(x) + eps      x_hat = u_hat * std + mean
+                      (std = std_d(x) alone when the normalisation's undo_with_eps is False)
+
+    It follows its tokens: `select(rows)` keeps a subset, `cat` joins batches, `to` moves or casts it.
+    """
+
+    #: layer_norm: the per-token mean that was subtracted
+    mean: torch.Tensor | None = None
+    #: layer_norm: the per-token multiplier the undo applies (std + eps, or std)
+    std: torch.Tensor | None = None
+    #: token_norm: the per-token factor sqrt(d) / ||x|| that u = x * factor applied
+    factor: torch.Tensor | None = None
+
+    def select(self, rows) -> InputState:
+        """The state of a subset of tokens: `rows` is an index tensor, a boolean mask or a slice."""
+        return InputState(*(None if t is None else t[rows] for t in self))
+
+    def to(self, *args, **kwargs) -> InputState:
+        """Every tensor moved or cast with `torch.Tensor.to(*args, **kwargs)`."""
+        return InputState(*(None if t is None else t.to(*args, **kwargs) for t in self))
+
+    def clone(self) -> InputState:
+        """A copy; made outside torch.inference_mode, it can enter autograd (see `SAE.decode_codes`)."""
+        return InputState(*(None if t is None else t.clone() for t in self))
+
+    @classmethod
+    def cat(cls, states: Sequence[InputState]) -> InputState:
+        """States of consecutive token batches joined (all of one normalisation kind)."""
+        if not states:
+            return cls()
+        fields = []
+        for name, column in zip(cls._fields, zip(*states, strict=True), strict=True):
+            if all(t is None for t in column):
+                fields.append(None)
+            elif any(t is None for t in column):
+                raise ValueError(f"InputState.cat: field {name!r} is missing from some states")
+            else:
+                fields.append(torch.cat(column))
+        return cls(*fields)
+
+
+class Encoded(NamedTuple):
+    """Raw residuals encoded: the codes and the state `SAE.decode_codes` needs to return to raw space."""
+
+    codes: SparseCodes
+    state: InputState
+
+    def select(self, rows) -> Encoded:
+        """Codes and state of a subset of tokens (index tensor, boolean mask or slice)."""
+        return Encoded(self.codes.select(rows), self.state.select(rows))
+
 
 class Reconstruction(NamedTuple):
-    """One pass through the SAE: the input and its reconstruction in SAE space, the raw reconstruction."""
+    """One pass through the SAE (tokens, ...): the SAE-space pair, the raw reconstruction and the codes."""
 
+    #: the SAE's input, normalize(x)
     u: torch.Tensor
+    #: its reconstruction in SAE space
     u_hat: torch.Tensor
+    #: the reconstruction in raw residual space, denormalize(u_hat, state)
     x_hat: torch.Tensor
     codes: SparseCodes
+    #: what decodes edited codes back to raw space (`SAE.decode_codes(codes, state)`); None when the
+    #: Reconstruction was built without it
+    state: InputState | None = None
+
+    @classmethod
+    def cat(cls, parts: Sequence[Reconstruction]) -> Reconstruction:
+        """Reconstructions of consecutive token batches joined; codes padded to the widest m."""
+        states = [p.state for p in parts]
+        return cls(
+            torch.cat([p.u for p in parts]),
+            torch.cat([p.u_hat for p in parts]),
+            torch.cat([p.x_hat for p in parts]),
+            SparseCodes.cat([p.codes for p in parts]),
+            None if any(s is None for s in states) else InputState.cat(states),
+        )
 
 
 @dataclass
@@ -58,10 +171,15 @@ class Normalization:
     """How a library maps a raw residual x to the SAE's input u, undone on decode.
 
     kind:
-      none        u = x
-      constant    u = x * scale                                   (SAELens expected_average_only_in)
-      token_norm  u = x * sqrt(d) / ||x||                          (SAELens constant_norm_rescale)
-      layer_norm  u = (x - mean_d(x)) / (std_d(x) + eps)           (OpenAI TopK, SAELens layer_norm)
+      none        u = x                                           x_hat = u_hat
+      constant    u = x * scale                                   x_hat = u_hat / scale
+                  (SAELens expected_average_only_in)
+      token_norm  u = x * sqrt(d) / ||x||                          x_hat = u_hat / factor
+                  (SAELens constant_norm_rescale)
+      layer_norm  u = (x - mean_d(x)) / (std_d(x) + eps)           x_hat = u_hat * std + mean
+                  (OpenAI TopK, SAELens layer_norm)
+
+    The per-token quantities the undo needs travel as an `InputState`.
     """
 
     kind: str = "none"
@@ -79,29 +197,36 @@ class Normalization:
         if self.kind not in NORMALIZATIONS:
             raise ValueError(f"unknown input normalisation {self.kind!r}; expected one of {NORMALIZATIONS}")
 
-    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        """Return u and the per-token state that `undo` needs."""
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, InputState]:
+        """u = normalize(x) for x (..., d), and the per-token state that `undo` needs."""
         if self.kind == "none":
-            return x, ()
+            return x, InputState()
         if self.kind == "constant":
-            return x * self.scale, ()
+            return x * self.scale, InputState()
         if self.kind == "token_norm":
             factor = x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return x * factor, (factor,)
+            return x * factor, InputState(factor=factor)
         mean = x.mean(-1, keepdim=True)
         centred = x - mean
         std = centred.std(-1, keepdim=True, unbiased=self.unbiased)
-        return centred / (std + self.eps), (mean, std + self.eps if self.undo_with_eps else std)
+        return centred / (std + self.eps), InputState(mean, std + self.eps if self.undo_with_eps else std)
 
-    def undo(self, u: torch.Tensor, state: tuple) -> torch.Tensor:
+    def undo(self, u: torch.Tensor, state: InputState) -> torch.Tensor:
+        """x = denormalize(u) for u (..., d), with the state `apply` returned for the same tokens."""
         if self.kind == "none":
             return u
         if self.kind == "constant":
             return u / self.scale
+        per_token = state.factor if self.kind == "token_norm" else state.std
+        if per_token is None or per_token.shape[:-1] != u.shape[:-1]:
+            got = "no state" if per_token is None else f"a state of shape {tuple(per_token.shape)}"
+            raise ValueError(
+                f"undoing {self.kind} on u of shape {tuple(u.shape)} needs the InputState of the same "
+                f"tokens; got {got}"
+            )
         if self.kind == "token_norm":
-            return u / state[0]
-        mean, std = state
-        return u * std + mean
+            return u / state.factor
+        return u * state.std + state.mean
 
     def to_dict(self) -> dict:
         return {
@@ -232,23 +357,45 @@ class SAE(nn.Module):
         return SparseCodes(indices, torch.where(active, values, torch.zeros_like(values)))
 
     def decode_sparse(self, codes: SparseCodes) -> torch.Tensor:
-        """SAE-space reconstruction u_hat from (indices, values), touching only the active decoder rows."""
+        """SAE-space reconstruction u_hat from (indices, values), touching only the active decoder rows.
+
+        Differentiable in `codes.values` (embedding_bag's per_sample_weights has a backward in mode "sum";
+        tests/sae/test_codes.py gradchecks it in float64), W_dec and b_dec.
+        """
         u_hat = F.embedding_bag(codes.indices, self.W_dec, per_sample_weights=codes.values, mode="sum")
         return u_hat + self.b_dec
 
+    def encode_codes(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> Encoded:
+        """Raw residuals x (tokens, d) -> codes and the state that decodes them back to raw space.
+
+        `scratch` as for `encode_sparse`.
+        """
+        u, state = self.normalization.apply(x)
+        return Encoded(self.encode_sparse(u, scratch), state)
+
+    def decode_codes(self, codes: SparseCodes, state: InputState) -> torch.Tensor:
+        """Raw reconstruction x_hat (tokens, d) of codes (edited or not), with the `state` of their tokens.
+
+        Differentiable in `codes.values` on a fixed support.  Codes and states made under
+        torch.inference_mode (as `reconstruct` is run by the evaluation loop) cannot enter a graph, not even
+        one that only the SAE's parameters start: decode them under no_grad / inference_mode, or `clone()`
+        both (or cast them with `.to(dtype)`, which copies) outside it first.
+        """
+        return self.normalization.undo(self.decode_sparse(codes), state)
+
     def reconstruct(self, x: torch.Tensor, scratch: torch.Tensor | None = None) -> Reconstruction:
-        """Raw residuals x (tokens, d) through the SAE, keeping the SAE-space pair for metrics."""
+        """Raw residuals x (tokens, d) through the SAE, keeping the SAE-space pair and the state."""
         u, state = self.normalization.apply(x)
         codes = self.encode_sparse(u, scratch)
         u_hat = self.decode_sparse(codes)
-        return Reconstruction(u, u_hat, self.normalization.undo(u_hat, state), codes)
+        return Reconstruction(u, u_hat, self.normalization.undo(u_hat, state), codes, state)
 
     # --- dense API for notebooks (raw residual space) -------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents (..., n) of raw residuals x (..., d)."""
         shape = x.shape[:-1]
-        u, _ = self.normalization.apply(x.reshape(-1, self.d_in))
-        return self.encode_sparse(u).to_dense(self.n_latents).reshape(*shape, self.n_latents)
+        codes = self.encode_codes(x.reshape(-1, self.d_in)).codes
+        return codes.to_dense(self.n_latents).reshape(*shape, self.n_latents)
 
     def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """Raw reconstruction from dense latents z (..., n).
@@ -266,7 +413,7 @@ class SAE(nn.Module):
                 )
             _, state = self.normalization.apply(x.reshape(-1, self.d_in))
         else:
-            state = ()
+            state = InputState()
         return self.normalization.undo(u_hat, state).reshape(*shape, self.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
