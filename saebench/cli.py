@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from saebench.context import DTYPES, EvalConfig
+from saebench.context import EvalConfig
+from saebench.data.site import DTYPES, SiteConfig
+from saebench.metrics.registry import metrics as all_metrics
 
 
 def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
@@ -44,15 +47,14 @@ def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
     )
 
 
-def _eval_config(args, n_tokens: int = EvalConfig.n_tokens) -> EvalConfig:
-    """The evaluation (or, for `train`, activation) settings shared by the subcommands."""
+def _site_config(args, n_tokens: int) -> SiteConfig:
+    """The site settings shared by `run` (its evaluation set adds --n-tokens) and `train`."""
     if n_tokens <= 0 or args.ctx < 4:
         raise ValueError("--n-tokens must be positive and --ctx at least 4")
-    return EvalConfig(
-        model=args.model or EvalConfig.model,
+    return SiteConfig(
+        model=args.model or SiteConfig.model,
         layer=args.layer,
         corpus=args.corpus,
-        n_tokens=n_tokens,
         ctx=args.ctx,
         batch_size=args.batch_size,
         device=args.device,
@@ -63,30 +65,49 @@ def _eval_config(args, n_tokens: int = EvalConfig.n_tokens) -> EvalConfig:
 
 
 def _parse_params(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+    """`--param METRIC.NAME=VALUE` items -> {metric: {name: value}}, each value read by the parameter's
+    declared type and each metric's parameters validated, before any model is loaded."""
+    from saebench.metrics.registry import get_metric, metric_names
+    from saebench.params import build, split_assignment
+
+    usage = "METRIC.NAME=VALUE, e.g. core.dense_threshold=0.05"
+    raw: dict[str, dict[str, str]] = {}
     for item in items:
-        key, eq, value = item.partition("=")
+        key, value = split_assignment(item, "--param", usage)
         metric, dot, name = key.partition(".")
-        if not eq or not dot:
-            raise ValueError(f"bad --param {item!r}; use METRIC.NAME=VALUE, e.g. core.dense_threshold=0.05")
-        out.setdefault(metric, {})[name] = value
+        if not dot or not name:
+            raise ValueError(f"bad --param {item!r}: use {usage}")
+        if metric not in metric_names():
+            known = ", ".join(metric_names())
+            raise ValueError(f"bad --param {item!r}: no metric {metric!r}; metrics: {known}")
+        raw.setdefault(metric, {})[name] = value
+    out = {}
+    for metric, values in raw.items():
+        owner, prefix = f"metric {metric!r}", f"{metric}."
+        params = build(get_metric(metric).params, values, flag="--param", prefix=prefix, owner=owner)
+        out[metric] = {name: getattr(params, name) for name in values}
     return out
 
 
 def cmd_run(args) -> int:
     from saebench.runner import RunConfig, Runner, parse_metrics, summary_table
 
-    metrics, task_selection = parse_metrics(args.tasks, tuple(args.include_tasks))
     params = _parse_params(args.param)
-    probe_tasks = args.probe_tasks or task_selection
-    if probe_tasks:
-        params.setdefault("probes", {})["tasks"] = probe_tasks
-    if args.include_tasks:
-        params.setdefault("probes", {})["include_tasks"] = ",".join(args.include_tasks)
+    options: dict[str, dict] = {}
+    for metric in all_metrics():
+        for option in metric.options:
+            value = getattr(args, _dest(option))
+            if value not in (None, []):
+                options.setdefault(metric.name, {})[option.param] = (
+                    ",".join(value) if option.repeatable else value
+                )
+    metrics, implied = parse_metrics(args.tasks, options)
+    for name in {*implied, *options}:  # explicit options win over what --tasks items imply
+        params[name] = {**params.get(name, {}), **implied.get(name, {}), **options.get(name, {})}
     config = RunConfig(
         checkpoint=args.checkpoint,
         metrics=metrics,
-        eval=_eval_config(args, n_tokens=args.n_tokens),
+        eval=EvalConfig(**dataclasses.asdict(_site_config(args, args.n_tokens)), n_tokens=args.n_tokens),
         out=args.out,
         force=args.force,
         format=args.format,
@@ -100,32 +121,18 @@ def cmd_run(args) -> int:
 
 
 def _train_overrides(items: list[str]) -> dict:
-    import dataclasses
-
+    """`--set FIELD=VALUE` items -> {field: value}, each read by the TrainConfig field's declared type; the
+    preset they are applied to validates the result."""
+    from saebench.params import parse_assignments
     from saebench.train.config import TrainConfig
 
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        if not eq or name not in fields:
-            raise ValueError(f"bad --set {item!r}; use FIELD=VALUE with FIELD one of: {', '.join(fields)}")
-        default = getattr(TrainConfig(), name)
-        if isinstance(default, bool):
-            out[name] = value.lower() in ("1", "true", "yes")
-        elif value.lower() == "none":
-            out[name] = None
-        elif default is None:
-            out[name] = float(value) if any(c in value for c in ".e") else int(value)
-        else:
-            out[name] = type(default)(value)
-    return out
+    return parse_assignments(TrainConfig, items, flag="--set", usage="FIELD=VALUE, e.g. batch_size=1024")
 
 
 def cmd_train(args) -> int:
     import dataclasses
 
-    from saebench.context import EvalContext
+    from saebench.data.site import Site
     from saebench.train.presets import PRESETS, SWEEPS
     from saebench.train.runs import train_runs
 
@@ -138,11 +145,11 @@ def cmd_train(args) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
     if args.sweep is not None and args.sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {args.sweep!r}; sweeps: {', '.join(SWEEPS)}")
-    eval_cfg = _eval_config(args, n_tokens=args.n_tokens)
+    site_cfg = _site_config(args, n_tokens=args.n_tokens)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
     configs = {n: dataclasses.replace(PRESETS[n], **overrides) for n in names}
-    done = train_runs(EvalContext(eval_cfg), configs, Path(args.out), args.n_tokens)
+    done = train_runs(Site(site_cfg), configs, Path(args.out), args.n_tokens)
     print("\n".join(str(p) for p in done))
     return 0
 
@@ -164,19 +171,31 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def _dest(option) -> str:
+    return "metric_option_" + option.flag.lstrip("-").replace("-", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saebench import __version__
     from saebench.metrics.registry import get_metric, metric_names
+    from saebench.params import describe_fields
+    from saebench.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="saebench", description="Evaluate sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"saebench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     metrics_help = "; ".join(f"{n}: {get_metric(n).description}" for n in metric_names())
+    params_help = "\n".join(
+        f"{n}: {get_metric(n).description}\n{describe_fields(get_metric(n).params, indent=2)}"
+        for n in metric_names()
+    )
     run = sub.add_parser(
         "run",
         help="evaluate a checkpoint (or a folder of them)",
         description="Evaluate SAE checkpoints; one result JSON per (checkpoint, metric).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"metric parameters (--param METRIC.NAME=VALUE, e.g. probes.l2=1e-2):\n{params_help}",
     )
     run.add_argument(
         "--checkpoint",
@@ -189,24 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default=None, help="override checkpoint format detection")
     run.add_argument("--out", default="results", help="results folder (default %(default)s)")
     run.add_argument("--force", action="store_true", help="recompute even if a matching result exists")
-    run.add_argument(
-        "--probe-tasks",
-        default=None,
-        help="probe tasks for the probes metric: names and/or tags, comma-separated (default all)",
-    )
-    run.add_argument(
-        "--include-tasks",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="extra folder of task YAMLs (repeatable)",
-    )
+    for metric in all_metrics():
+        for option in metric.options:
+            run.add_argument(
+                option.flag,
+                dest=_dest(option),
+                action="append" if option.repeatable else "store",
+                default=[] if option.repeatable else None,
+                metavar=option.metavar,
+                help=f"{metric.name}: {option.help}",
+            )
     run.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="METRIC.NAME=VALUE",
-        help="override a metric parameter (repeatable)",
+        help="override a metric parameter (repeatable; the parameters are listed below)",
     )
     _add_eval_args(run)
     run.set_defaults(func=cmd_run)
@@ -216,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train reference SAEs (TopK recipe, ReLU+L1 baseline)",
         description="Train one preset or a sweep on the subject model's training split; "
         "finished runs are skipped and interrupted ones resume.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="TrainConfig fields (--set FIELD=VALUE; the defaults are TrainConfig's, a preset may set "
+        f"its own):\n{describe_fields(TrainConfig, indent=2)}",
     )
     train.add_argument("--preset", default=None, help="one preset, e.g. topk-n4096-k32")
     train.add_argument("--sweep", default=None, help="a named sweep of presets, e.g. baseline")
@@ -228,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FIELD=VALUE",
-        help="override a TrainConfig field for every run, e.g. batch_size=1024",
+        help="override a TrainConfig field for every run, e.g. batch_size=1024 (repeatable; fields below)",
     )
     _add_eval_args(train, n_tokens=False)
     train.set_defaults(func=cmd_train)

@@ -18,6 +18,7 @@ import torch
 
 from saebench.context import EvalConfig, EvalContext
 from saebench.metrics.registry import Metric, get_metric, metric_names, params_dict
+from saebench.metrics.registry import metrics as all_metrics
 from saebench.results import (
     RESULT_SCHEMA,
     file_digest,
@@ -62,35 +63,44 @@ class Checkpoint:
     sha256: str | None = None
 
 
-def parse_metrics(spec: str, include_tasks: tuple[str, ...] = ()) -> tuple[list[str], str | None]:
-    """`--tasks` -> (metric names in table order, probe-task selection or None).
+def parse_metrics(spec: str, overrides: dict[str, dict] | None = None) -> tuple[list[str], dict[str, dict]]:
+    """`--tasks` -> (metric names in table order, parameter overrides the items imply, per metric).
 
-    Items are `all` (every registered metric), metric names, or probe task names and tags, which select the
-    `probes` metric on those tasks (`--tasks core,code,21_headline_istrump`).
+    Items are `all` (every registered metric), metric names, or items a metric claims (`Metric.claim_items`:
+    probe task names and tags select `probes` on those tasks, e.g. `--tasks core,code,21_headline_istrump`).
+    `overrides` are the parameters given otherwise, which a claim may need (e.g. extra task folders).
     """
+    overrides = overrides or {}
     names = metric_names()
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ValueError("--tasks is empty: give `all`, metric names or probe task names/tags")
-    wanted, task_items = set(), []
+        raise ValueError(
+            "--tasks is empty: give `all`, metric names or probe task names/tags"
+        )
+    wanted, rest = set(), []
     for item in items:
         if item == "all":
             wanted.update(names)
         elif item in names:
             wanted.add(item)
         else:
-            task_items.append(item)
-    if task_items:
-        from saebench.data.tasks import TaskError, discover_tasks, select_tasks
-
-        try:
-            select_tasks(discover_tasks(list(include_tasks)), ",".join(task_items))
-        except TaskError as err:
-            raise ValueError(
-                f"--tasks: not a metric ({', '.join(names)}) nor a probe task or tag: {err}"
-            ) from None
-        wanted.add("probes")
-    return [n for n in names if n in wanted], (",".join(task_items) or None)
+            rest.append(item)
+    implied: dict[str, dict] = {}
+    if rest:
+        reasons = []
+        for metric in (m for m in all_metrics() if m.claim_items is not None):
+            try:
+                claimed = metric.claim_items(rest, overrides.get(metric.name, {}))
+            except ValueError as err:
+                reasons.append(f"{metric.name}: {err}")
+                continue
+            if claimed is not None:
+                wanted.add(metric.name)
+                implied[metric.name] = claimed
+                break
+        else:
+            raise ValueError(f"--tasks: not a metric ({', '.join(names)}): {'; '.join(reasons) or rest}")
+    return [n for n in names if n in wanted], implied
 
 
 def discover(checkpoint: str) -> list[Checkpoint]:
@@ -112,18 +122,13 @@ def discover(checkpoint: str) -> list[Checkpoint]:
 
 
 def make_params(metric: Metric, overrides: dict) -> object:
-    fields = {f.name: f for f in dataclasses.fields(metric.params)}
-    values = {}
-    for name, raw in overrides.items():
-        if name not in fields:
-            raise ValueError(
-                f"metric {metric.name!r} has no parameter {name!r}; it has: {', '.join(fields) or 'none'}"
-            )
-        default = getattr(metric.params(), name)
-        values[name] = (
-            type(default)(raw) if default is not None and not isinstance(raw, type(default)) else raw
-        )
-    return metric.params(**values)
+    """The metric's parameters with `overrides` ({name: value}; text is read by the field's declared type,
+    as `--param METRIC.NAME=VALUE` gives it) over the defaults, validated by the params' `__post_init__`."""
+    from saebench.params import build
+
+    return build(
+        metric.params, overrides, flag="--param", prefix=f"{metric.name}.", owner=f"metric {metric.name!r}"
+    )
 
 
 class Runner:
@@ -152,9 +157,9 @@ class Runner:
         cfg = self.config
         if is_builtin(ckpt.source):
             spec = parse_builtin(ckpt.source)
-            ctx = self.context_for(cfg.eval.model, cfg.eval.layer)
-            sae = build_builtin(spec, ctx.train_sample(spec.fit_tokens), seed=cfg.eval.seed)
-            ckpt.sha256 = f"builtin:{spec}:{ctx.site_key}"
+            context = self.context_for(cfg.eval.model, cfg.eval.layer)
+            sae = build_builtin(spec, context.site.train_sample(spec.fit_tokens), seed=cfg.eval.seed)
+            ckpt.sha256 = f"builtin:{spec}:{context.site.key}"
         else:
             from saebench.sae.load import check_width, load_sae
 
@@ -176,19 +181,19 @@ class Runner:
                     f"{cfg.eval.layer} as asked",
                     stacklevel=2,
                 )
-            ctx = self.context_for(model_name, layer)
-            check_width(sae, ctx.model.d_model)
-        return sae.to(ctx.device, ctx.model.dtype).eval(), ctx
+            context = self.context_for(model_name, layer)
+            check_width(sae, context.model.d_model)
+        return sae.to(context.device, context.model.dtype).eval(), context
 
     def evaluate(self, ckpt: Checkpoint, metric_names_: list[str]) -> list[dict]:
-        sae, ctx = self.load(ckpt)
+        sae, context = self.load(ckpt)
         results = []
         for name in metric_names_:
             metric = get_metric(name)
             params = make_params(metric, self.config.params.get(name, {}))
             extra = metric.key_extra(params) if metric.key_extra else {}
             key = result_key(
-                name, metric.version, params_dict(params), ckpt.sha256, {**ctx.data_key, **extra}
+                name, metric.version, params_dict(params), ckpt.sha256, {**context.data_key, **extra}
             )
             path = result_path(Path(self.config.out), ckpt.label, name)
             old = None if self.config.force else reusable(path, key)
@@ -196,12 +201,12 @@ class Runner:
                 results.append(old)
                 continue
             t0 = time.perf_counter()
-            result = metric.compute(ctx, sae, params)
+            result = metric.compute(context, sae, params)
             result.check_finite(name, ckpt.source)
-            payload = _payload(metric, params, result, ckpt, sae, ctx, key, time.perf_counter() - t0)
+            payload = _payload(metric, params, result, ckpt, sae, context, key, time.perf_counter() - t0)
             write_result(path, payload)
             results.append(payload)
-        ctx.forget(sae)
+        context.forget(sae)
         return results
 
     def run(self) -> list[dict]:
@@ -220,7 +225,7 @@ def _known_model(checkpoint_model: str, fallback: str) -> str:
     return resolve_alias(checkpoint_model) or checkpoint_model or fallback
 
 
-def _payload(metric, params, result, ckpt, sae, ctx, key, wall) -> dict:
+def _payload(metric, params, result, ckpt, sae, context, key, wall) -> dict:
     info = sae.info
     return {
         "schema": RESULT_SCHEMA,
@@ -243,11 +248,15 @@ def _payload(metric, params, result, ckpt, sae, ctx, key, wall) -> dict:
         "headline": list(metric.headline),
         "lower_is_better": sorted(metric.lower_is_better),
         "config": params_dict(params),
-        "eval": {**dataclasses.asdict(ctx.config), "layer": ctx.layer, "n_windows": len(ctx.windows)},
-        "data_key": ctx.data_key,
+        "eval": {
+            **dataclasses.asdict(context.config),
+            "layer": context.layer,
+            "n_windows": len(context.windows),
+        },
+        "data_key": context.data_key,
         "counts": result.counts,
         "details": result.details,
-        "provenance": provenance(str(ctx.device), wall),
+        "provenance": provenance(str(context.device), wall),
     }
 
 

@@ -97,3 +97,70 @@ def test_train_rejects_unknown_preset_and_bad_override(capsys):
     assert "bad --set 'nonsense=1'" in one_line_error(capsys)
     assert main(["train", "--preset", "topk-n2048-k16", "--sweep", "baseline"]) == 2
     assert "exactly one of --preset" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ("core.dense_threshold=abc", "bad --param 'core.dense_threshold=abc': expected a float"),
+        ("probes.max_iter=2.5", "bad --param 'probes.max_iter=2.5': expected an integer"),
+        ("probes.nonsense=1", "metric 'probes' has no parameter 'nonsense'; it has: tasks, include_tasks"),
+        ("bogus.x=1", "bad --param 'bogus.x=1': no metric 'bogus'; metrics: core, downstream"),
+        ("dense_threshold=0.5", "bad --param 'dense_threshold=0.5': use METRIC.NAME=VALUE"),
+        ("core.dense_threshold=2", "core: dense_threshold is a fraction in (0, 1], got 2.0"),
+        ("probes.fit_dtype=float16", "probes: fit_dtype must be one of float32, float64, got 'float16'"),
+    ],
+)
+def test_bad_param_is_one_line_error_before_any_work(param, message, tmp_path, capsys):
+    args = ["run", "--checkpoint", "builtin:pca-topk", "--param", param, "--out", str(tmp_path / "out")]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_set_is_one_line_error(capsys):
+    for item, message in (
+        ("multi_topk=maybe", "bad --set 'multi_topk=maybe': expected a boolean"),
+        ("lr=fast", "bad --set 'lr=fast': expected a float or none"),
+        ("lr=0", "lr must be positive"),
+        ("batch_szie=8", "TrainConfig has no parameter 'batch_szie' (did you mean 'batch_size'?)"),
+    ):
+        assert main(["train", "--preset", "topk-n2048-k16", "--set", item]) == 2
+        assert message in one_line_error(capsys)
+
+
+def test_help_lists_every_parameter_with_type_default_and_doc(capsys):
+    import dataclasses
+
+    from saebench.metrics.registry import get_metric, metric_names
+    from saebench.params import field_docs
+    from saebench.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert "  dense_threshold: float = 0.1\n      a latent active on more than this fraction" in text
+    assert "  fit_dtype: str = 'float32'\n" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_text = capsys.readouterr().out
+    assert "  multi_topk: bool = False\n      Add Multi-TopK's term" in train_text
+    assert "  lr: float | None = None\n" in train_text
+    for cls, shown in [*((get_metric(n).params, text) for n in metric_names()), (TrainConfig, train_text)]:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert f"  {f.name}: " in shown and docs[f.name].split()[0] in shown, (cls, f.name)
+
+
+def test_train_set_overrides_reach_the_checkpoint_provenance(tmp_path, corpus_file, model_folder):
+    sets = ["n_latents=64", "k=4", "batch_size=64", "geometric_median_tokens=128", "checkpoint_every=0"]
+    sets += ["tied_init=false", "lr=1e-3", "k_aux=none", "log_every=5"]
+    args = ["train", "--preset", "topk-n2048-k16", "--n-tokens", "600", "--out", str(tmp_path / "runs")]
+    args += ["--model", str(model_folder), "--layer", "1", "--corpus", str(corpus_file), "--ctx", "16"]
+    args += ["--cache-dir", str(tmp_path / "cache"), *(x for s in sets for x in ("--set", s))]
+    assert main(args) == 0
+    cfg = json.loads((tmp_path / "runs" / "topk-n2048-k16" / "sae" / "cfg.json").read_text())
+    config = cfg["training"]["config"]
+    assert config["tied_init"] is False and config["k_aux"] is None and config["lr"] == 1e-3
+    assert (config["n_latents"], config["k"], config["batch_size"], config["log_every"]) == (64, 4, 64, 5)
+    assert config["device"] == "cpu" and config["auxk_alpha"] is None

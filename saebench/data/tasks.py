@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import re
 import warnings
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-import saebench
 from saebench.data.sources import SourceError, read_table, source_fingerprint
 
 POOLS = ("mean", "max", "last")
@@ -92,9 +92,23 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 _REQUIRED = ("source", "text_column", "label_column", "positive_label")
 
 
+#: the repository's top-level `tasks/` folder as installed (pyproject.toml maps it into the package): an
+#: editable install finds the checkout's folder, a wheel its own copy
+BUILTIN_TASKS_PACKAGE = "saebench.builtin_tasks"
+
+
 def builtin_tasks_dir() -> Path:
-    """The `tasks/` folder that ships with the repository."""
-    return Path(saebench.__file__).resolve().parents[1] / "tasks"
+    """The folder of the built-in tasks, the repository's `tasks/`, found through the installed package."""
+    try:
+        folder = importlib.resources.files(BUILTIN_TASKS_PACKAGE)
+    except ModuleNotFoundError:
+        raise TaskError(
+            f"the built-in tasks ({BUILTIN_TASKS_PACKAGE}) are not installed: reinstall saebench "
+            "(pip install -e . in the repository)"
+        ) from None
+    if not isinstance(folder, Path):  # e.g. imported from a zip file
+        raise TaskError(f"the built-in tasks must be installed as files, not inside {folder}")
+    return folder
 
 
 def load_task(path: str | Path) -> Task:
@@ -229,8 +243,7 @@ def _label_key(value: Any) -> bool | int | float | str:
 def discover_tasks(include_dirs: Iterable[str | Path] = ()) -> dict[str, Task]:
     """The built-in tasks plus those in `include_dirs`; a later folder's task overrides an earlier one's."""
     tasks: dict[str, Task] = {}
-    builtin = builtin_tasks_dir()
-    folders = ([builtin] if builtin.is_dir() else []) + [Path(folder) for folder in include_dirs]
+    folders = [builtin_tasks_dir(), *(Path(folder) for folder in include_dirs)]
     for folder in folders:
         if not folder.is_dir():
             raise TaskError(f"task folder {folder} does not exist; check the --include path")

@@ -1,6 +1,6 @@
 """core: reconstruction and sparsity on the evaluation tokens (METRICS.md).
 
-Over the scored tokens of the evaluation windows (positions 1.. less BOS/EOS separators, `EvalContext.mask`),
+Over the scored tokens of the evaluation windows (positions 1.. less BOS/EOS separators, `Site.scored`),
 with u the SAE-space input and x the raw residual:
 
     l0         = mean_t |{j : z_tj != 0}|
@@ -21,14 +21,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saebench.metrics.registry import Metric, MetricResult, register
+from saebench.context import EvalContext
+from saebench.metrics.registry import Metric, MetricResult, Plot, register
 from saebench.metrics.stats import mean_estimate, ratio_estimate
+from saebench.sae.sae import SAE
 
 
 @dataclass
 class CoreParams:
     #: a latent active on more than this fraction of tokens counts as dense
     dense_threshold: float = 0.1
+
+    def __post_init__(self):
+        if not 0 < self.dense_threshold <= 1:
+            raise ValueError(f"core: dense_threshold is a fraction in (0, 1], got {self.dense_threshold}")
 
 
 class _SumOfSquaresAroundMean:
@@ -52,19 +58,23 @@ class _SumOfSquaresAroundMean:
         return self.sq - 2 * self.vec @ mu + self.count * (mu @ mu)
 
 
-def compute(ctx, sae, params: CoreParams) -> MetricResult:
-    n_windows, d, n = len(ctx.windows), sae.d_in, sae.n_latents
+def compute(context: EvalContext, sae: SAE, params: CoreParams) -> MetricResult:
+    n_windows, d, n = len(context.windows), sae.d_in, sae.n_latents
     err_sae, err_raw = np.zeros(n_windows), np.zeros(n_windows)
     l0, norm_ratio, tokens = np.zeros(n_windows), np.zeros(n_windows), np.zeros(n_windows)
     spread_sae, spread_raw = _SumOfSquaresAroundMean(n_windows, d), _SumOfSquaresAroundMean(n_windows, d)
-    fires = torch.zeros(n, dtype=torch.int64, device=ctx.device)
+    fires = torch.zeros(n, dtype=torch.int64, device=context.device)
 
-    batches = ctx.reconstruct_batches(sae)
+    batches = context.reconstructions(sae).batches()
     for start, stop, x, rec in tqdm(
-        batches, total=-(-n_windows // ctx.config.batch_size), desc="core", leave=False, dynamic_ncols=True
+        batches,
+        total=-(-n_windows // context.config.batch_size),
+        desc="core",
+        leave=False,
+        dynamic_ncols=True,
     ):
         b, t = x.shape[:2]
-        keep = torch.from_numpy(ctx.mask[start:stop]).to(ctx.device)
+        keep = torch.from_numpy(context.mask[start:stop]).to(context.device)
         w = keep.double()
         u, u_hat, x_hat = (a.reshape(b, t, d).double() for a in (rec.u, rec.u_hat, rec.x_hat))
         xd = x.double()
@@ -81,7 +91,7 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
 
     total = int(tokens.sum())
     freq = fires.double().cpu().numpy() / total
-    seed = ctx.config.seed
+    seed = context.config.seed
     values = {
         "nmse": ratio_estimate(err_sae, spread_sae.per_window(), "windows", seed),
         "fvu_raw": ratio_estimate(err_raw, spread_raw.per_window(), "windows", seed),
@@ -96,7 +106,7 @@ def compute(ctx, sae, params: CoreParams) -> MetricResult:
             "tokens": total,
             "windows": n_windows,
             "latents": n,
-            "excluded_special_tokens": int((~ctx.mask).sum()),
+            "excluded_special_tokens": int((~context.mask).sum()),
         },
         details={"firing_frequency_histogram": _log_histogram(freq)},
     )
@@ -119,5 +129,9 @@ register(
         params=CoreParams,
         headline=("nmse", "l0", "dead_frac", "fvu_raw", "dense_frac", "norm_ratio"),
         lower_is_better=frozenset({"nmse", "fvu_raw", "dead_frac", "dense_frac"}),
+        plots=(
+            Plot("nmse_vs_l0.png", "nmse", "nmse (SAE space)", log=True),
+            Plot("dead_frac.png", "dead_frac", "dead fraction of latents", kind="bar"),
+        ),
     )
 )

@@ -26,11 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saebench.data.task_activations import TaskActivations, context_task_activations
-from saebench.data.tasks import discover_tasks, select_tasks, task_fingerprint
+from saebench.context import EvalContext
+from saebench.data.task_activations import TaskActivations, site_task_activations
+from saebench.data.tasks import TaskError, discover_tasks, select_tasks, task_fingerprint
 from saebench.metrics.logistic import cross_entropy, fit_logistic, standardize
-from saebench.metrics.registry import Metric, MetricResult, register
+from saebench.metrics.registry import Metric, MetricResult, Option, Plot, register
 from saebench.metrics.stats import mean_estimate
+from saebench.sae.sae import SAE
 
 FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,6 +54,20 @@ class ProbesParams:
     fit_dtype: str = "float32"
     #: tokens encoded by the SAE at once: the dense pre-activations are chunk_tokens x n_latents
     chunk_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.fit_dtype not in FIT_DTYPES:
+            raise ValueError(
+                f"probes: fit_dtype must be one of {', '.join(FIT_DTYPES)}, got {self.fit_dtype!r}"
+            )
+        if not self.l2 >= 0:
+            raise ValueError(f"probes: l2 is a penalty weight and must be >= 0, got {self.l2}")
+        if not self.tol > 0:
+            raise ValueError(f"probes: tol must be positive, got {self.tol}")
+        if self.max_iter < 1:
+            raise ValueError(f"probes: max_iter must be >= 1, got {self.max_iter}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"probes: chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
 
 @dataclass
@@ -152,14 +168,14 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def residual_baseline(ctx, task, acts: TaskActivations, params: ProbesParams) -> BestProbe:
+def residual_baseline(context: EvalContext, task, acts: TaskActivations, params: ProbesParams) -> BestProbe:
     """The best raw residual channel on a task; it does not depend on the SAE, so it is cached on disk."""
     fit = {k: getattr(params, k) for k in ("l2", "tol", "max_iter", "fit_dtype")}
-    store = ctx.store("probe-residual", {"task": task_fingerprint(task), "pool": task.pool, **fit})
+    store = context.store("probe-residual", {"task": task_fingerprint(task), "pool": task.pool, **fit})
     if store.has("best"):
         feature, train_ce, test_ce, test_auroc = store.load("best", mmap=False).tolist()
         return BestProbe(int(feature), train_ce, test_ce, test_auroc)
-    residual = torch.from_numpy(pool_residual(acts, task.pool)).to(ctx.device)
+    residual = torch.from_numpy(pool_residual(acts, task.pool)).to(context.device)
     best = best_probe(residual, acts.labels, acts.n_train, params)
     store.save("best", np.array([best.feature, best.train_ce, best.test_ce, best.test_auroc]))
     return best
@@ -170,25 +186,31 @@ def selected(params: ProbesParams) -> list:
     return select_tasks(discover_tasks(include), params.tasks)
 
 
+def claim_task_items(items: list[str], overrides: dict) -> dict:
+    """`--tasks` items that name probe tasks or tags select this metric on those tasks."""
+    include = [p.strip() for p in str(overrides.get("include_tasks", "")).split(",") if p.strip()]
+    try:
+        select_tasks(discover_tasks(include), ",".join(items))
+    except TaskError as err:
+        raise ValueError(f"not a probe task or tag: {err}") from None
+    return {"tasks": ",".join(items)}
+
+
 def task_fingerprints(params: ProbesParams) -> dict:
     """The selected tasks' definitions and data, so an edited task YAML or data file is not reused."""
     return {"tasks": {task.name: task_fingerprint(task) for task in selected(params)}}
 
 
-def compute(ctx, sae, params: ProbesParams) -> MetricResult:
-    if params.fit_dtype not in FIT_DTYPES:
-        raise ValueError(
-            f"probes: fit_dtype must be one of {', '.join(FIT_DTYPES)}, got {params.fit_dtype!r}"
-        )
+def compute(context: EvalContext, sae: SAE, params: ProbesParams) -> MetricResult:
     tasks = selected(params)
     timing = {"activations_s": 0.0, "encode_s": 0.0, "fit_s": 0.0, "residual_s": 0.0}
     per_task, scores, residual_scores, prior_scores = {}, [], [], []
     n_tokens = 0
     for task in tqdm(tasks, desc="probes", leave=False, dynamic_ncols=True):
         t0 = time.perf_counter()
-        acts = context_task_activations(ctx, task)
+        acts = site_task_activations(context.site, task)
         t1 = time.perf_counter()
-        latents = pool_latents(sae, acts, task.pool, params.chunk_tokens, ctx.device)
+        latents = pool_latents(sae, acts, task.pool, params.chunk_tokens, context.device)
         if not bool(torch.isfinite(latents).all()):
             raise FloatingPointError(
                 f"probes: SAE latents on task {task.name!r} contain NaN or inf ({sae.info.path})"
@@ -197,7 +219,7 @@ def compute(ctx, sae, params: ProbesParams) -> MetricResult:
         best = best_probe(latents, acts.labels, acts.n_train, params)
         del latents
         t3 = time.perf_counter()
-        best_residual = residual_baseline(ctx, task, acts, params)
+        best_residual = residual_baseline(context, task, acts, params)
         t4 = time.perf_counter()
         for name, dt in zip(timing, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             timing[name] += dt
@@ -228,7 +250,7 @@ def compute(ctx, sae, params: ProbesParams) -> MetricResult:
         f"residual baseline {timing['residual_s']:.1f} s, activations {timing['activations_s']:.1f} s",
         file=sys.stderr,
     )
-    seed = ctx.config.seed
+    seed = context.config.seed
     values = {
         "probe_loss": mean_estimate(scores, "tasks", seed),
         "probe_loss_residual": mean_estimate(residual_scores, "tasks", seed),
@@ -248,5 +270,21 @@ register(
         headline=("probe_loss", "probe_loss_residual", "probe_loss_prior"),
         lower_is_better=frozenset({"probe_loss", "probe_loss_residual", "probe_loss_prior"}),
         key_extra=task_fingerprints,
+        options=(
+            Option(
+                "--probe-tasks",
+                "tasks",
+                "probe tasks for the probes metric: names and/or tags, comma-separated (default all)",
+            ),
+            Option(
+                "--include-tasks",
+                "include_tasks",
+                "extra folder of task YAMLs (repeatable)",
+                metavar="DIR",
+                repeatable=True,
+            ),
+        ),
+        claim_items=claim_task_items,
+        plots=(Plot("probe_loss_vs_l0.png", "probe_loss", "probe loss (nats)"),),
     )
 )

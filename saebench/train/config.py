@@ -108,8 +108,8 @@ class TrainConfig:
                 f"unknown input normalisation {self.input_normalization!r}; "
                 f"expected one of {TRAIN_NORMALIZATIONS}"
             )
-        if self.activation == "topk" and not 0 < self.k <= self.n_latents:
-            raise ValueError(f"TopK needs 0 < k <= n_latents, got k={self.k}, n_latents={self.n_latents}")
+        if not 0 < self.k <= self.n_latents:
+            raise ValueError(f"need 0 < k <= n_latents, got k={self.k}, n_latents={self.n_latents}")
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise ValueError(f"Multi-TopK needs 4k <= n_latents, got k={self.k}, n_latents={self.n_latents}")
         if self.activation == "relu" and (self.auxk_alpha or self.multi_topk):
@@ -122,6 +122,29 @@ class TrainConfig:
             raise ValueError(f"encoder_init_scale must be positive, got {self.encoder_init_scale}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"Adam's betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not self.adam_eps >= 0:
+            raise ValueError(f"adam_eps must be >= 0, got {self.adam_eps}")
+        if self.auxk_alpha is not None and not self.auxk_alpha >= 0:
+            raise ValueError(f"auxk_alpha must be >= 0 (0 turns AuxK off), got {self.auxk_alpha}")
+        if not self.l1_coefficient >= 0:
+            raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}")
+        if self.l1_target_l0 is not None and not self.l1_target_l0 > 0:
+            raise ValueError(f"l1_target_l0 must be positive, got {self.l1_target_l0}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise ValueError(f"k_aux must be positive (auxk_alpha=0 turns AuxK off), got {self.k_aux}")
+        for name in ("n_latents", "batch_size", "dead_tokens", "geometric_median_tokens", "chunk_elements"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be positive, got {self.log_every}")
 
     def effective_lr(self) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
