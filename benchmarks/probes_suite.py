@@ -18,7 +18,7 @@ import time
 import torch
 
 from saebench.context import EvalConfig, EvalContext
-from saebench.data.task_activations import context_task_activations
+from saebench.data.task_activations import site_task_activations
 from saebench.data.tasks import discover_tasks, select_tasks
 from saebench.metrics.probes import ProbesParams
 from saebench.metrics.probes import compute as probes
@@ -57,16 +57,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
 
-    ctx = EvalContext(EvalConfig(model=args.model, layer=args.layer, cache_dir=args.cache_dir))
+    context = EvalContext(EvalConfig(model=args.model, layer=args.layer, cache_dir=args.cache_dir))
     tasks = select_tasks(discover_tasks(), args.tasks)
-    print(f"model {args.model}, layer {ctx.layer}, d_model {ctx.model.d_model}, {len(tasks)} tasks, "
+    print(f"model {args.model}, layer {context.layer}, d_model {context.model.d_model}, {len(tasks)} tasks, "
           f"{torch.get_num_threads()} torch threads")  # fmt: skip
 
     start = time.perf_counter()
     tokens = {}
     for task in tasks:
         t0 = time.perf_counter()
-        acts = context_task_activations(ctx, task)
+        acts = site_task_activations(context.site, task)
         tokens[task.name] = (int(acts.offsets[-1]), acts.n_examples, task.pool)
         print(f"  {task.name}: {acts.n_examples} examples, {tokens[task.name][0]} tokens, "
               f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
@@ -75,10 +75,10 @@ def main() -> None:
     print(f"activation pass (first call; cached tasks load in well under a second): {first_pass:.1f} s for "
           f"{total_tokens} tokens ({total_tokens / first_pass:.0f} tok/s)")  # fmt: skip
 
-    sae = random_topk_sae(ctx.model.d_model, args.n_latents, args.k)
+    sae = random_topk_sae(context.model.d_model, args.n_latents, args.k)
     params = ProbesParams(tasks=args.tasks, fit_dtype=args.fit_dtype)
     start = time.perf_counter()
-    result = probes(ctx, sae, params)
+    result = probes(context, sae, params)
     total = time.perf_counter() - start
     timing = result.details["timing"]
     print(f"checkpoint on warm caches ({args.n_latents} latents, TopK k={args.k}, fit {args.fit_dtype}): "
@@ -86,10 +86,10 @@ def main() -> None:
     for name, seconds in timing.items():
         print(f"  {name:15s} {seconds:7.2f} s  ({seconds / total:5.1%})")
 
-    rate = matmul_rate(ctx.model.d_model, args.n_latents)
+    rate = matmul_rate(context.model.d_model, args.n_latents)
     encoded = sum(t if pool != "last" else n for t, n, pool in tokens.values())
-    floor = encoded * args.n_latents * ctx.model.d_model * 2 / rate
-    print(f"encode floor: {encoded} tokens x {args.n_latents} x {ctx.model.d_model} x 2 FLOP at "
+    floor = encoded * args.n_latents * context.model.d_model * 2 / rate
+    print(f"encode floor: {encoded} tokens x {args.n_latents} x {context.model.d_model} x 2 FLOP at "
           f"{rate / 1e9:.1f} GFLOP/s (torch.matmul) = {floor:.2f} s; encode took "
           f"{timing['encode_s'] / floor:.2f}x the floor")  # fmt: skip
     print(f"whole checkpoint: {total / floor:.2f}x the encode floor (target <= 1.5x)")

@@ -21,17 +21,18 @@ import time
 import torch
 
 from saebench.context import EvalConfig
+from saebench.metrics.downstream import reference
 from saebench.metrics.registry import get_metric
 from saebench.runner import Checkpoint, RunConfig, Runner
 
 NAIVE_BATCH = 8  # windows per full pass: full logits for 8 x 64 positions are ~100 MB
 
 
-def naive_downstream(ctx, sae, n_windows: int) -> float:
+def naive_downstream(context, sae, n_windows: int) -> float:
     """Seconds per window for three full forward passes with a hook at the site."""
-    model, layer = ctx.model, ctx.layer
+    model, layer = context.model, context.layer
     block = model.family.blocks[layer]
-    ids = torch.from_numpy(ctx.windows[:n_windows]).to(ctx.device)
+    ids = torch.from_numpy(context.windows[:n_windows]).to(context.device)
     mode = {"replace": None}
 
     def hook(_m, _i, out):
@@ -78,12 +79,12 @@ def main() -> None:
     ckpt = Checkpoint(f"builtin:random-topk:n={args.n_latents},k=32", "bench")
 
     t0 = time.perf_counter()
-    sae, ctx = runner.load(ckpt)
-    _ = ctx.resid, ctx.clean
+    sae, context = runner.load(ckpt)
+    _ = context.resid, reference(context)
     t_caches = time.perf_counter() - t0
-    n_windows, tokens = len(ctx.windows), len(ctx.windows) * (ctx.config.ctx - 1)
+    n_windows, tokens = len(context.windows), len(context.windows) * (context.config.ctx - 1)
     print(
-        f"model {args.model}, layer {ctx.layer}, {n_windows} windows x {ctx.config.ctx} = {tokens} tokens, "
+        f"model {args.model}, layer {context.layer}, {n_windows} windows x {context.config.ctx} = {tokens} tokens, "
         f"SAE {sae.n_latents} latents k={sae.k}, {torch.get_num_threads()} threads"
     )
     print(f"caches (model load, windows, residuals, clean + zero pass; warm if run before): {t_caches:.1f} s")
@@ -91,13 +92,13 @@ def main() -> None:
     # a second checkpoint on warm caches: a different random dictionary
     ckpt2 = Checkpoint(f"builtin:random-topk:n={args.n_latents},k=32,fit_tokens=16383", "bench2")
     t0 = time.perf_counter()
-    sae2, ctx2 = runner.load(ckpt2)
+    sae2, context2 = runner.load(ckpt2)
     t_load = time.perf_counter() - t0
     timings = {}
     for name in ("core", "downstream"):
         metric = get_metric(name)
         t0 = time.perf_counter()
-        metric.compute(ctx2, sae2, metric.params())
+        metric.compute(context2, sae2, metric.params())
         timings[name] = time.perf_counter() - t0
     total = t_load + sum(timings.values())
     print(
@@ -105,11 +106,11 @@ def main() -> None:
         f"{timings['downstream']:.1f} s = {total:.1f} s  (target < 60 s)"
     )
 
-    ctx2.forget(sae2)
+    context2.forget(sae2)
     t0 = time.perf_counter()
-    get_metric("downstream").compute(ctx2, sae2, get_metric("downstream").params())
+    get_metric("downstream").compute(context2, sae2, get_metric("downstream").params())
     ours = (time.perf_counter() - t0) / n_windows
-    naive = naive_downstream(ctx2, sae2, min(args.naive_windows, n_windows))
+    naive = naive_downstream(context2, sae2, min(args.naive_windows, n_windows))
     print(
         f"downstream per window: ours {ours * 1e3:.1f} ms (SAE encode included), naive 3 full passes "
         f"{naive * 1e3:.1f} ms -> ratio {ours / naive:.3f}  (target <= 0.35)"

@@ -74,9 +74,7 @@ def parse_metrics(spec: str, overrides: dict[str, dict] | None = None) -> tuple[
     names = metric_names()
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ValueError(
-            "--tasks is empty: give `all`, metric names or probe task names/tags"
-        )
+        raise ValueError("--tasks is empty: give `all`, metric names or probe task names/tags")
     wanted, rest = set(), []
     for item in items:
         if item == "all":

@@ -4,7 +4,8 @@ import re
 import numpy as np
 import pytest
 
-from saebench.leaderboard import collect_rows, fit_power_law, generate, table
+from saebench.leaderboard import collect_rows, generate, table
+from saebench.leaderboard.claims import fit_power_law
 from saebench.results import RESULT_SCHEMA
 
 
@@ -100,7 +101,7 @@ def test_empty_results_is_an_error(tmp_path):
 
 
 def test_power_law_claim_reports_when_nmse_rises_with_n(tmp_path):
-    from saebench.leaderboard import claim_power_law
+    from saebench.leaderboard.claims import claim_power_law
 
     for n in (1024, 2048, 4096):
         write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.2 + 0.01 * n / 1024, 32, 0.0)
@@ -108,7 +109,7 @@ def test_power_law_claim_reports_when_nmse_rises_with_n(tmp_path):
 
 
 def test_power_law_is_fitted_per_topk_family_and_lr_variants_stay_out_of_the_dead_latent_claim(tmp_path):
-    from saebench.leaderboard import claim_dead_latents, claim_power_law
+    from saebench.leaderboard.claims import claim_dead_latents, claim_power_law
 
     for n in (1024, 2048, 4096):
         write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.2 + 0.01 * n / 1024, 32, 0.0)

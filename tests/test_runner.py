@@ -108,8 +108,11 @@ def test_labels_of_trainer_run_folders(tmp_path):
 def test_tasks_option_mixes_metrics_and_probe_tasks():
     from saebench.runner import parse_metrics
 
-    assert parse_metrics("all") == (["core", "downstream", "probes"], None)
-    assert parse_metrics("downstream,core") == (["core", "downstream"], None)
-    assert parse_metrics("core,code,21_headline_istrump") == (["core", "probes"], "code,21_headline_istrump")
+    assert parse_metrics("all") == (["core", "downstream", "probes"], {})
+    assert parse_metrics("downstream,core") == (["core", "downstream"], {})
+    assert parse_metrics("core,code,21_headline_istrump") == (
+        ["core", "probes"],
+        {"probes": {"tasks": "code,21_headline_istrump"}},
+    )
     with pytest.raises(ValueError, match="not a metric"):
         parse_metrics("core,nonsense")

@@ -146,10 +146,10 @@ def _token_batches(members: list[int], lengths: np.ndarray, budget: int) -> list
     return batches + [current] if current else batches
 
 
-def context_task_activations(ctx, task: Task) -> TaskActivations:
-    """`task_activations` for an `EvalContext`: its model, site, seed, batch size and cache folder."""
-    c = ctx.config
+def site_task_activations(site, task: Task) -> TaskActivations:
+    """`task_activations` at a `Site`: its model, layer, seed, batch size and cache folder."""
+    c = site.config
     return task_activations(
-        ctx.model, ctx.layer, task, model_key=ctx.model_key, model_dtype=c.dtype, seed=c.seed,
+        site.model, site.layer, task, model_key=site.model_key, model_dtype=c.dtype, seed=c.seed,
         batch_size=c.batch_size, cache_dir=c.cache_dir,
     )  # fmt: skip

@@ -104,8 +104,7 @@ def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, devic
             hi = min(lo + chunk_tokens, len(examples))
             block = acts.resid[lo:hi] if rows is None else acts.resid[rows[lo:hi]]
             x = torch.from_numpy(np.array(block)).to(device, sae.W_enc.dtype)
-            u, _ = sae.normalization.apply(x)
-            codes = sae.encode_sparse(u, scratch)
+            codes = sae.encode_codes(x, scratch).codes
             where = (examples_t[lo:hi, None] * n + codes.indices).reshape(-1)
             values = (codes.values.double() * scale_t[lo:hi, None]).reshape(-1)
             if pool == "max":

@@ -1,7 +1,11 @@
 """The metric registry: a metric is one module in `saebench/metrics/` that calls `register(Metric(...))`.
 
-The runner looks metrics up by name and hands each one the evaluation context (model, cached activations,
-tasks) and one SAE; the metric only computes and returns a `MetricResult`.
+The runner looks metrics up by name and hands each one the evaluation context (model, cached activations)
+and one SAE: `compute(context: EvalContext, sae: SAE, params: P) -> MetricResult`; the metric only
+computes.  Everything the outside needs from a metric travels in its `Metric` entry: its parameters (a
+dataclass), its command-line options and `--tasks` items beyond its name (`Option`, `claim_items`), its
+headline values and its leaderboard plots (`Plot`), so the runner, the CLI and the leaderboard name no
+metric.
 """
 
 from __future__ import annotations
@@ -51,6 +55,41 @@ class MetricResult:
 
 
 @dataclass(frozen=True)
+class Option:
+    """A `saebench run` option that sets one of the metric's parameters (`--FLAG VALUE`)."""
+
+    #: the flag, e.g. "--probe-tasks"
+    flag: str
+    #: the parameter it sets
+    param: str
+    #: help text
+    help: str
+    #: metavar in the help
+    metavar: str | None = None
+    #: the flag may be given several times; the values are joined with ","
+    repeatable: bool = False
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A leaderboard plot of one of the metric's values: against L0 per family (`vs_l0`) or a bar chart."""
+
+    #: file name in the leaderboard folder
+    file: str
+    #: the metric's value plotted
+    value: str
+    #: axis label
+    label: str
+    #: "vs_l0": value against core L0, one series per architecture family; "bar": one bar per checkpoint
+    kind: str = "vs_l0"
+    #: logarithmic value axis
+    log: bool = False
+    #: for `vs_l0`: the (metric, value) on the horizontal axis, log-scaled, and its label
+    against: tuple[str, str] = ("core", "l0")
+    against_label: str = "L0 (active latents per token)"
+
+
+@dataclass(frozen=True)
 class Metric:
     """A registered metric."""
 
@@ -70,6 +109,14 @@ class Metric:
     lower_is_better: frozenset[str] = frozenset()
     #: key_extra(params) -> dict: what else a result depends on (e.g. the tasks' data), for result reuse
     key_extra: Callable[[Any], dict] | None = None
+    #: command-line options of `saebench run` that set this metric's parameters
+    options: tuple[Option, ...] = ()
+    #: claim_items(items, overrides) -> parameter overrides, or None: `--tasks` items that are not metric
+    #: names but select this metric (probes: task names and tags); raises ValueError naming what is wrong
+    #: when the items are meant for it but unusable
+    claim_items: Callable[[list[str], dict], dict | None] | None = None
+    #: leaderboard plots of this metric's values
+    plots: tuple[Plot, ...] = ()
 
 
 _REGISTRY: dict[str, Metric] = {}
@@ -105,6 +152,11 @@ def get_metric(name: str) -> Metric:
     if name not in _REGISTRY:
         raise ValueError(f"unknown metric {name!r}; registered metrics: {', '.join(metric_names())}")
     return _REGISTRY[name]
+
+
+def metrics() -> list[Metric]:
+    """Every registered metric, in table order."""
+    return [_REGISTRY[n] for n in metric_names()]
 
 
 def params_dict(params: Any) -> dict:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from saebench.data.cache import atomic_write_bytes
+from saebench.data.site import Site
 from saebench.sae.formats.native import save_native
 from saebench.sae.load import load_sae
 from saebench.sae.sae import SAEInfo
@@ -32,24 +33,24 @@ def run_status(run_dir: Path) -> str:
     return "partial" if (run_dir / STATE_FILE).exists() else "new"
 
 
-def train_runs(context, configs: dict[str, TrainConfig], out: Path, n_tokens: int) -> list[Path]:
-    """Train each named config on `n_tokens` training tokens at the context's site; return checkpoints.
+def train_runs(site: Site, configs: dict[str, TrainConfig], out: Path, n_tokens: int) -> list[Path]:
+    """Train each named config on `n_tokens` training tokens at the site; return checkpoints.
 
     A ReLU config with `l1_target_l0` searches lambda (`search_l1`); every other config is one run.
     """
     out = Path(out)
-    run_tokens = stream_length(context, n_tokens) if configs else 0
+    run_tokens = stream_length(site, n_tokens) if configs else 0
     done = []
     for name, config in configs.items():
         config = dataclasses.replace(config, max_tokens=run_tokens)
         if config.activation == "relu" and config.l1_target_l0 is not None:
-            done.append(search_l1(context, name, config, out, n_tokens))
+            done.append(search_l1(site, name, config, out, n_tokens))
         else:
-            done.append(train_run(context, name, config, out / name, n_tokens))
+            done.append(train_run(site, name, config, out / name, n_tokens))
     return done
 
 
-def train_run(context, name: str, config: TrainConfig, run_dir: Path, n_tokens: int) -> Path:
+def train_run(site: Site, name: str, config: TrainConfig, run_dir: Path, n_tokens: int) -> Path:
     """One run into run_dir (skipped when complete, resumed when partial); returns its checkpoint."""
     status = run_status(run_dir)
     if status == "complete":
@@ -67,14 +68,14 @@ def train_run(context, name: str, config: TrainConfig, run_dir: Path, n_tokens: 
         info = SAEInfo(
             format="native",
             architecture=config.activation,
-            model_name=context.config.model,
-            layer=context.layer,
-            site_name=f"resid_post.{context.layer}",
-            context_size=context.config.ctx,
+            model_name=site.config.model,
+            layer=site.layer,
+            site_name=f"resid_post.{site.layer}",
+            context_size=site.config.ctx,
         )
-        trainer = Trainer(config, context.model.d_model, out_dir=run_dir, info=info)
+        trainer = Trainer(config, site.model.d_model, out_dir=run_dir, info=info)
         print(f"{name}: training on {config.max_tokens} tokens", file=sys.stderr)
-    trainer.fit(activation_stream(context, n_tokens, seed=config.seed))
+    trainer.fit(activation_stream(site, n_tokens, seed=config.seed))
     return run_dir / SAE_FOLDER
 
 
@@ -118,7 +119,7 @@ def _start(out: Path, config: TrainConfig, target: float) -> float:
     return next_lambda(sizes[nearest], target, config.l1_coefficient)
 
 
-def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int) -> Path:
+def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: int) -> Path:
     """Fixed-lambda ReLU runs until one ends within TOLERANCE of config.l1_target_l0 (at most MAX_TRIALS
     new runs for this target); the closest is copied to out/name/sae with the search in its provenance."""
     run_dir = out / name
@@ -141,7 +142,7 @@ def search_l1(context, name: str, config: TrainConfig, out: Path, n_tokens: int)
             atomic_write_bytes(log_file, json.dumps({"target_l0": target, "tried": tried}).encode())
         print(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})", file=sys.stderr)
         trial = dataclasses.replace(config, l1_coefficient=lam)
-        train_run(context, f"{name} lambda={lam:g}", trial, family / f"lambda-{lam:g}", n_tokens)
+        train_run(site, f"{name} lambda={lam:g}", trial, family / f"lambda-{lam:g}", n_tokens)
         found = _trials(family)
         trials = list(found)
     best = closest(trials, target)

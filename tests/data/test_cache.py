@@ -42,9 +42,9 @@ def test_covering_store_serves_a_prefix(tmp_path):
 
 
 def test_context_reuses_a_bigger_collection(make_context):
-    ctx = make_context()
-    big = np.array(ctx.site_resid("train", 20))
-    small = ctx.site_resid("train", 8)
+    context = make_context()
+    big = np.array(context.site.resid("train", 20))
+    small = context.site.resid("train", 8)
     np.testing.assert_array_equal(small, big[:8])
-    np.testing.assert_array_equal(ctx.site_windows("train", 8), ctx.site_windows("train", 20)[:8])
-    assert not ctx.store("resid-train", {"n_windows": 8, "start": 0}).has("resid")
+    np.testing.assert_array_equal(context.site.windows("train", 8), context.site.windows("train", 20)[:8])
+    assert not context.store("resid-train", {"n_windows": 8, "start": 0}).has("resid")

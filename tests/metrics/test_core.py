@@ -33,33 +33,33 @@ def direct_core(resid: np.ndarray, mask: np.ndarray, sae):
     [("topk", "none"), ("relu", "layer_norm"), ("jumprelu", "token_norm"), ("topk", "layer_norm")],
 )
 def test_core_matches_direct_computation(make_context, activation, normalization):
-    ctx = make_context()
-    sae = random_sae(ctx.model.d_model, 96, activation=activation, normalization=normalization, k=5)
-    result = core(ctx, sae, CoreParams())
-    expected = direct_core(ctx.resid, ctx.mask, sae)
+    context = make_context()
+    sae = random_sae(context.model.d_model, 96, activation=activation, normalization=normalization, k=5)
+    result = core(context, sae, CoreParams())
+    expected = direct_core(context.resid, context.mask, sae)
     for name, value in expected.items():
         got = result.values[name]
         assert got.value == pytest.approx(value, rel=1e-5, abs=1e-9), name
         assert got.lo <= got.value <= got.hi or name.endswith("_frac")
-    separators = int((ctx.windows[:, 1:] == 0).sum())
+    separators = int((context.windows[:, 1:] == 0).sum())
     assert separators > 0  # the corpus joins documents with EOS: those positions are not scored
     assert result.counts["tokens"] == 12 * 15 - separators
     assert result.values["nmse"].n == 12 and result.values["nmse"].unit == "windows"
 
 
 def test_core_of_an_exact_dictionary(make_context):
-    ctx = make_context()
-    result = core(ctx, identity_sae(ctx.model.d_model), CoreParams())
+    context = make_context()
+    result = core(context, identity_sae(context.model.d_model), CoreParams())
     assert result.values["nmse"].value < 1e-10
     assert result.values["norm_ratio"].value == pytest.approx(1.0, abs=1e-6)
 
 
 def test_topk_l0_is_k_and_dead_latents_counted(make_context):
-    ctx = make_context()
-    sae = random_sae(ctx.model.d_model, 64, k=3)
+    context = make_context()
+    sae = random_sae(context.model.d_model, 64, k=3)
     with torch.no_grad():
         sae.b_enc[:10] = -1e6  # these can never win the top-k
         sae.b_enc[10:] = 1e3  # and the others are always positive, so exactly k are active
-    result = core(ctx, sae, CoreParams())
+    result = core(context, sae, CoreParams())
     assert result.values["l0"].value == pytest.approx(3.0)
     assert result.values["dead_frac"].value >= 10 / 64

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from saebench.metrics.downstream import DownstreamParams
+from saebench.metrics.downstream import DownstreamParams, reference
 from saebench.metrics.downstream import compute as downstream
 from tests.conftest import identity_sae, random_sae
 
@@ -33,17 +33,17 @@ def test_downstream_matches_full_model_with_hook(make_context, family):
     from saebench.model.tiny import tiny_model
 
     if family == "llama":
-        ctx = make_context()
+        context = make_context()
     elif family == "gpt2":
-        ctx = make_context(model=tiny_model("gpt2"))
+        context = make_context(model=tiny_model("gpt2"))
     else:  # a softcapped head: the KL cannot use the linear-head shortcut
-        ctx = make_context(model=tiny_model("gemma3", final_logit_softcapping=3.0))
-        assert "final" in ctx.clean
-    model, layer = ctx.model, ctx.layer
+        context = make_context(model=tiny_model("gemma3", final_logit_softcapping=3.0))
+        assert reference(context).final is not None
+    model, layer = context.model, context.layer
     sae = random_sae(model.d_model, 128, k=8)
-    result = downstream(ctx, sae, DownstreamParams())
+    result = downstream(context, sae, DownstreamParams())
 
-    ids = torch.from_numpy(ctx.windows)
+    ids = torch.from_numpy(context.windows)
     clean = hooked_logits(model, ids, layer, lambda h: h)
     spliced = hooked_logits(model, ids, layer, lambda h: sae(h))
     zero = hooked_logits(model, ids, layer, torch.zeros_like)
@@ -66,35 +66,35 @@ def test_downstream_matches_full_model_with_hook(make_context, family):
 
 
 def test_exact_reconstruction_changes_nothing(make_context):
-    ctx = make_context()
-    v = downstream(ctx, identity_sae(ctx.model.d_model), DownstreamParams()).values
+    context = make_context()
+    v = downstream(context, identity_sae(context.model.d_model), DownstreamParams()).values
     assert abs(v["delta_ce"].value) < 1e-5 and abs(v["kl"].value) < 1e-6
     assert v["loss_recovered"].value == pytest.approx(1.0, abs=1e-5)
 
 
 def test_clean_pass_is_cached_once(make_context):
-    ctx = make_context()
-    first = np.array(ctx.clean["ce_clean"])
+    context = make_context()
+    first = np.array(reference(context).ce_clean)
     again = make_context()  # a new context over the same cache folder reads what the first one wrote
     key = {"n_windows": len(again.windows), "exclude_special": True}
     assert again.store("eval-downstream", key).has("unembed_mean", "clean_term", "ce_clean", "ce_zero")
-    np.testing.assert_array_equal(np.array(again.clean["ce_clean"]), first)
+    np.testing.assert_array_equal(np.array(reference(again).ce_clean), first)
 
 
 def test_downstream_after_core_does_not_encode_again(make_context):
     from saebench.metrics.core import CoreParams
     from saebench.metrics.core import compute as core
 
-    ctx = make_context()
-    sae = random_sae(ctx.model.d_model, 64, k=4)
+    context = make_context()
+    sae = random_sae(context.model.d_model, 64, k=4)
     calls = []
     original = sae.reconstruct
     sae.reconstruct = lambda *a, **k: calls.append(1) or original(*a, **k)
-    core(ctx, sae, CoreParams())
+    core(context, sae, CoreParams())
     after_core = len(calls)
     assert after_core > 0
-    downstream(ctx, sae, DownstreamParams())
+    downstream(context, sae, DownstreamParams())
     assert len(calls) == after_core
-    ctx.forget(sae)
-    downstream(ctx, sae, DownstreamParams())  # forgotten: encodes once more, same result
+    context.forget(sae)
+    downstream(context, sae, DownstreamParams())  # forgotten: encodes once more, same result
     assert len(calls) == 2 * after_core

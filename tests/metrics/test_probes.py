@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saebench.data.task_activations import context_task_activations, tokenize_examples
+from saebench.data.task_activations import site_task_activations, tokenize_examples
 from saebench.data.tasks import discover_tasks
 from saebench.metrics.probes import ProbesParams, auroc, best_probe, pool_latents, pool_residual
 from saebench.metrics.probes import compute as probes
@@ -47,17 +47,17 @@ def tiny_task(task_dir, name="tiny_halves"):
     return discover_tasks([task_dir])[name]
 
 
-def planted_sae(ctx, task, n_latents=48, planted=17):
+def planted_sae(context, task, n_latents=48, planted=17):
     """A ReLU SAE whose latent `planted` is relu(x . v) with x . v ~ +1 on the tokens of positive examples
     and ~ -1 on negative ones (least squares on the task's cached residuals): after pooling it separates
     the classes with values near 1 and exactly 0.  The other latents are random."""
-    acts = context_task_activations(ctx, task)
+    acts = site_task_activations(context.site, task)
     x = torch.from_numpy(np.array(acts.resid)).double()
     token_labels = np.repeat(acts.labels, acts.lengths)
     target = torch.from_numpy(np.where(token_labels, 1.0, -1.0))
     v = torch.linalg.lstsq(x, target.unsqueeze(1)).solution.squeeze(1)
     assert bool(((x @ v > 0) == torch.from_numpy(token_labels)).all()), "the plant must separate every token"
-    sae = random_sae(ctx.model.d_model, n_latents, activation="relu", seed=1)
+    sae = random_sae(context.model.d_model, n_latents, activation="relu", seed=1)
     with torch.no_grad():
         sae.W_enc[:, planted] = v.float()
         sae.b_enc[planted] = 0.0
@@ -65,9 +65,9 @@ def planted_sae(ctx, task, n_latents=48, planted=17):
 
 
 def test_planted_latent_wins_its_task(make_context, task_dir):
-    ctx = make_context()
-    sae = planted_sae(ctx, tiny_task(task_dir))
-    result = probes(ctx, sae, params_for(task_dir))
+    context = make_context()
+    sae = planted_sae(context, tiny_task(task_dir))
+    result = probes(context, sae, params_for(task_dir))
     for name in ("tiny_halves", "tiny_halves_max"):
         detail = result.details["tasks"][name]
         assert detail["latent"] == 17, name
@@ -82,11 +82,11 @@ def test_planted_latent_wins_its_task(make_context, task_dir):
 
 
 def test_dead_latents_get_the_prior(make_context, task_dir):
-    ctx = make_context()
-    sae = random_sae(ctx.model.d_model, 32, activation="relu")
+    context = make_context()
+    sae = random_sae(context.model.d_model, 32, activation="relu")
     with torch.no_grad():
         sae.b_enc[:] = -1e6  # never active: every pooled latent is the constant 0
-    result = probes(ctx, sae, params_for(task_dir))
+    result = probes(context, sae, params_for(task_dir))
     prior = result.values["probe_loss_prior"].value
     assert prior == pytest.approx(math.log(2), abs=1e-12)  # balanced splits
     assert result.values["probe_loss"].value == pytest.approx(prior, abs=1e-6)
@@ -96,12 +96,12 @@ def test_dead_latents_get_the_prior(make_context, task_dir):
 
 
 def test_residual_baseline_is_the_best_raw_channel(make_context, task_dir):
-    ctx = make_context()
+    context = make_context()
     task = tiny_task(task_dir)
-    result = probes(ctx, random_sae(ctx.model.d_model, 32), params_for(task_dir, tasks="tiny_halves"))
+    result = probes(context, random_sae(context.model.d_model, 32), params_for(task_dir, tasks="tiny_halves"))
     detail = result.details["tasks"]["tiny_halves"]
 
-    acts = context_task_activations(ctx, task)
+    acts = site_task_activations(context.site, task)
     pooled = np.stack(
         [
             np.asarray(acts.resid[a:b]).mean(0)
@@ -116,40 +116,42 @@ def test_residual_baseline_is_the_best_raw_channel(make_context, task_dir):
 
 
 def test_task_activations_are_the_examples_run_alone(make_context, task_dir):
-    ctx = make_context()
+    context = make_context()
     task = tiny_task(task_dir)
-    acts = context_task_activations(ctx, task)
+    acts = site_task_activations(context.site, task)
     assert acts.n_examples == 52 and acts.n_train == 32
     assert acts.labels[:32].sum() == 16 and acts.labels[32:].sum() == 10
     from saebench.data.tasks import load_task_data
 
     texts, labels = load_task_data(task)
     np.testing.assert_array_equal(labels[acts.rows], acts.labels)
-    tokens = tokenize_examples([texts[i] for i in acts.rows], ctx.model.tokenizer, ctx.model.bos_id, 10)
+    tokens = tokenize_examples(
+        [texts[i] for i in acts.rows], context.model.tokenizer, context.model.bos_id, 10
+    )
     assert max(len(t) for t in tokens) == 10 and min(len(t) for t in tokens) < 10
     for i in (0, 7, 51):
         ids = torch.tensor([tokens[i]])
         with torch.inference_mode():
-            alone = ctx.model.to_site(ids, ctx.layer)[0, 1:].numpy()
+            alone = context.model.to_site(ids, context.layer)[0, 1:].numpy()
         np.testing.assert_allclose(acts.resid[acts.offsets[i] : acts.offsets[i + 1]], alone, atol=1e-5)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a warm cache must not run the model")
 
-    ctx.model.to_site, saved = refuse, ctx.model.to_site
+    context.model.to_site, saved = refuse, context.model.to_site
     try:
-        again = context_task_activations(ctx, task)
+        again = site_task_activations(context.site, task)
     finally:
-        ctx.model.to_site = saved
+        context.model.to_site = saved
     np.testing.assert_array_equal(np.asarray(again.resid), np.asarray(acts.resid))
 
 
 @pytest.mark.parametrize("pool", ["mean", "max", "last"])
 @pytest.mark.parametrize("activation", ["topk", "relu"])
 def test_pooling_matches_dense_encoding(make_context, task_dir, pool, activation):
-    ctx = make_context()
-    acts = context_task_activations(ctx, tiny_task(task_dir))
-    sae = random_sae(ctx.model.d_model, 40, activation=activation, normalization="layer_norm", k=5)
+    context = make_context()
+    acts = site_task_activations(context.site, tiny_task(task_dir))
+    sae = random_sae(context.model.d_model, 40, activation=activation, normalization="layer_norm", k=5)
     got = pool_latents(sae, acts, pool, chunk_tokens=37, device="cpu")
     for i in range(acts.n_examples):
         with torch.inference_mode():

@@ -10,9 +10,9 @@ from saebench.train.stream import activation_stream
 
 
 def test_stream_is_seeded_training_split_without_separators(make_context):
-    ctx = make_context()
-    a = torch.cat(list(activation_stream(ctx, 600, seed=1, block_windows=16)))
-    b = torch.cat(list(activation_stream(ctx, 600, seed=1, block_windows=16)))
+    context = make_context()
+    a = torch.cat(list(activation_stream(context.site, 600, seed=1, block_windows=16)))
+    b = torch.cat(list(activation_stream(context.site, 600, seed=1, block_windows=16)))
     assert torch.equal(a, b) and 500 < len(a) <= 600
     # no attention-sink rows: the separators' residuals are dropped, so norms stay near the median
     norms = a.norm(dim=1)
@@ -20,26 +20,26 @@ def test_stream_is_seeded_training_split_without_separators(make_context):
 
 
 def test_train_runs_writes_loadable_checkpoints_and_skips_finished(make_context, tmp_path):
-    ctx = make_context()
+    context = make_context()
     configs = {
         "topk-small": TrainConfig(
             n_latents=64, k=4, batch_size=64, geometric_median_tokens=128, checkpoint_every=0
         )
     }
     out = tmp_path / "runs"
-    (path,) = train_runs(ctx, configs, out, n_tokens=600)
+    (path,) = train_runs(context.site, configs, out, n_tokens=600)
     assert run_status(out / "topk-small") == "complete"
     sae = load_sae(path)
-    assert sae.n_latents == 64 and sae.k == 4 and sae.info.layer == ctx.layer
+    assert sae.n_latents == 64 and sae.k == 4 and sae.info.layer == context.layer
     assert sae.info.extra["training"]["tokens_seen"] >= 500
     assert find_checkpoints(out) == [path]
     before = (path / "sae.safetensors").stat().st_mtime_ns
-    train_runs(ctx, configs, out, n_tokens=600)
+    train_runs(context.site, configs, out, n_tokens=600)
     assert (path / "sae.safetensors").stat().st_mtime_ns == before
 
 
 def test_relu_target_searches_fixed_lambda_runs_and_records_the_search(make_context, tmp_path):
-    ctx = make_context()
+    context = make_context()
     base = dict(
         activation="relu",
         n_latents=64,
@@ -53,7 +53,7 @@ def test_relu_target_searches_fixed_lambda_runs_and_records_the_search(make_cont
         "relu-l16": TrainConfig(**base, k=16, l1_target_l0=16),
     }
     out = tmp_path / "runs"
-    paths = train_runs(ctx, configs, out, n_tokens=2000)
+    paths = train_runs(context.site, configs, out, n_tokens=2000)
     (family,) = (out / SEARCH_FOLDER).iterdir()
     trial_dirs = sorted(family.iterdir())
     assert 1 < len(trial_dirs) <= 2 * MAX_TRIALS
@@ -72,5 +72,5 @@ def test_relu_target_searches_fixed_lambda_runs_and_records_the_search(make_cont
         )
     # a rerun trains nothing new
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    train_runs(ctx, configs, out, n_tokens=2000)
+    train_runs(context.site, configs, out, n_tokens=2000)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
