@@ -84,7 +84,8 @@ def main() -> None:
     t_caches = time.perf_counter() - t0
     n_windows, tokens = len(context.windows), len(context.windows) * (context.config.ctx - 1)
     print(
-        f"model {args.model}, layer {context.layer}, {n_windows} windows x {context.config.ctx} = {tokens} tokens, "
+        f"model {args.model}, layer {context.layer}, {n_windows} windows x {context.config.ctx} = "
+        f"{tokens} tokens, "
         f"SAE {sae.n_latents} latents k={sae.k}, {torch.get_num_threads()} threads"
     )
     print(f"caches (model load, windows, residuals, clean + zero pass; warm if run before): {t_caches:.1f} s")
