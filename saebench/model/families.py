@@ -10,6 +10,11 @@ and the residual after block L is h_{L+1}.  An adapter names the modules and bui
 as the family's own `forward` does (transformers 5.x), so running blocks [0, L] and then [L+1, n) gives the
 model's logits bit for bit.  To add a family: subclass `Family`, implement `embed` and `block_inputs`, set
 `blocks` / `final_norm`, and register it in `FAMILIES` under its `config.model_type`.
+
+Running on cached keys (`saebench.model.batched`): a family that sets `cache_kwarg` (the decoder layer's
+keyword for a transformers `Cache`) and implements `suffix_inputs` can run query positions p (B, T) against
+keys already in the cache plus the new ones, under an explicit mask over key positions (B, K).  Families
+without it fall back to full reruns.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 BlockInputs = Callable[[int], dict]
@@ -48,6 +53,9 @@ class Family:
 
     blocks: nn.ModuleList
     final_norm: nn.Module
+    #: the decoder layers' keyword for a key/value `Cache` (transformers 5.x: `cache`; GPT-NeoX:
+    #: `layer_past`); None where running on cached keys is not implemented for the family
+    cache_kwarg: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -71,6 +79,50 @@ class Family:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
+    def run_blocks_with(
+        self, hidden: torch.Tensor, start: int, stop: int, inputs: BlockInputs, **extra
+    ) -> torch.Tensor:
+        """`run_blocks` with given block inputs and extra keywords for every block (e.g. a cache)."""
+        for i in range(start, stop):
+            out = self.blocks[i](hidden, **inputs(i), **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @property
+    def reuses_keys(self) -> bool:
+        """Whether `suffix_inputs` works here: a cache keyword and an attention that takes a 4-D mask."""
+        return self.cache_kwarg is not None and self.config._attn_implementation in ("sdpa", "eager")
+
+    def suffix_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor, key_valid: Tensor
+    ) -> BlockInputs:
+        """Block inputs for queries at `positions` (B, T) over cached + new keys at `key_positions` (B, K).
+
+        The keys are those the cache returns after this step: the cached ones, then the T new ones; a query
+        attends to key k where key_valid[b, k] and key_positions[b, k] <= its position (and within the
+        sliding window on sliding layers).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not run on cached keys")
+
+    def _suffix_mask(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        key_positions: torch.Tensor,
+        key_valid: Tensor,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """The explicit (B, 1, T, K) mask: bool for sdpa (True = attend), additive 0 / dtype-min for eager."""
+        q, k = positions[:, :, None], key_positions[:, None, :]
+        allowed = key_valid[:, None, :] & (k <= q)
+        if window is not None:
+            allowed &= q - k < window
+        allowed = allowed[:, None]
+        if self.config._attn_implementation == "sdpa":
+            return allowed
+        mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
+        return mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+
     def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(final_hidden)
         if self.softcap is not None:
@@ -85,6 +137,8 @@ class RotaryDecoder(Family):
     and Qwen 2/3) and per-type rotary tables (Gemma 3: local and global RoPE bases).  Gemma's embedding
     scale lives in its embedding module, so `embed_tokens(ids)` is already the scaled embedding.
     """
+
+    cache_kwarg = "cache"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -125,9 +179,33 @@ class RotaryDecoder(Family):
 
         return inputs
 
+    def suffix_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor, key_valid: Tensor
+    ) -> BlockInputs:
+        types = sorted({self._layer_type(i) for i in range(len(self.blocks))})
+        window = getattr(self.config, "sliding_window", None)
+        masks = {
+            t: self._suffix_mask(
+                hidden, positions, key_positions, key_valid, window if t == "sliding_attention" else None
+            )
+            for t in types
+        }
+        if self.rotary_by_type:
+            rotary = {t: self.rotary(hidden, positions, t) for t in types}
+        else:
+            rotary = dict.fromkeys(types, self.rotary(hidden, position_ids=positions))
+
+        def inputs(i: int) -> dict:
+            t = self._layer_type(i)
+            return {"attention_mask": masks[t], "position_embeddings": rotary[t], "position_ids": positions}
+
+        return inputs
+
 
 class GPT2(Family):
     """GPT-2: learned position embeddings added to the token embeddings, `transformer.{wte, wpe, h, ln_f}`."""
+
+    cache_kwarg = "cache"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -145,9 +223,18 @@ class GPT2(Family):
         inputs = {"attention_mask": _mask(self.config, hidden, positions), "position_ids": positions}
         return lambda i: inputs
 
+    def suffix_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor, key_valid: Tensor
+    ) -> BlockInputs:
+        mask = self._suffix_mask(hidden, positions, key_positions, key_valid)
+        inputs = {"attention_mask": mask, "position_ids": positions}
+        return lambda i: inputs
+
 
 class GPTNeoX(Family):
     """GPT-NeoX / Pythia: `gpt_neox.{embed_in, layers, final_layer_norm, rotary_emb}`, head `embed_out`."""
+
+    cache_kwarg = "layer_past"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -164,6 +251,16 @@ class GPTNeoX(Family):
         positions = _positions(hidden)
         inputs = {
             "attention_mask": _mask(self.config, hidden, positions),
+            "position_ids": positions,
+            "position_embeddings": self.rotary(hidden, position_ids=positions),
+        }
+        return lambda i: inputs
+
+    def suffix_inputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor, key_valid: Tensor
+    ) -> BlockInputs:
+        inputs = {
+            "attention_mask": self._suffix_mask(hidden, positions, key_positions, key_valid),
             "position_ids": positions,
             "position_embeddings": self.rotary(hidden, position_ids=positions),
         }
