@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from saebench.data.cache import Store, cache_root
+from saebench.model.batched import site_residuals
 from saebench.model.subject import SubjectModel
 
 DTYPES = {
@@ -166,11 +167,14 @@ class Site:
         windows = self.windows(split, n_windows, start)
         store = self.store(f"resid-{split}", {"n_windows": n_windows, "start": start})
 
+        ctx = self.config.ctx
+
         def produce(lo: int, hi: int) -> dict[str, np.ndarray]:
-            ids = torch.from_numpy(windows[lo:hi]).to(self.device)
+            # one forward per chunk of `batch_size` windows (all of length ctx)
             with torch.inference_mode():
-                h = self.model.to_site(ids, self.layer)
-            return {"resid": h.float().cpu().numpy()}
+                h = site_residuals(self.model, torch.from_numpy(windows[lo:hi]), self.layer, "all",
+                                   token_budget=(hi - lo) * ctx)  # fmt: skip
+            return {"resid": h.values.reshape(hi - lo, ctx, -1).numpy()}
 
         return store.collect(
             ("resid",), len(windows), self.config.batch_size, produce, desc=f"residuals at the site ({split})"

@@ -22,6 +22,7 @@ import torch
 
 from saebench.data.cache import Store, cache_root
 from saebench.data.tasks import Task, balanced_split, load_task_data, task_fingerprint
+from saebench.model.batched import site_residuals
 
 
 @dataclass
@@ -110,19 +111,10 @@ def task_activations(
         """Residual rows [start, stop) of the concatenation: run every example that overlaps them."""
         first = int(np.searchsorted(offsets, start, side="right")) - 1
         last = int(np.searchsorted(offsets, stop, side="left"))
-        out = np.empty((stop - start, model.d_model), dtype=np.float32)
-        members = sorted((i for i in range(first, last) if lengths[i] > 0), key=lambda i: lengths[i])
-        for batch in _token_batches(members, lengths, budget):
-            width = int(lengths[batch[-1]]) + 1
-            ids = torch.full((len(batch), width), model.eos_id, dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : lengths[i] + 1] = torch.tensor(tokens[i])
-            with torch.inference_mode():
-                h = model.to_site(ids.to(model.device), layer).float().cpu().numpy()
-            for r, i in enumerate(batch):
-                lo, hi = max(offsets[i], start), min(offsets[i + 1], stop)
-                out[lo - start : hi - start] = h[r, 1 + lo - offsets[i] : 1 + hi - offsets[i]]
-        return {"resid": out}
+        with torch.inference_mode():
+            rows = site_residuals(model, tokens[first:last], layer, "after_bos", token_budget=budget)
+        lo = int(offsets[first])
+        return {"resid": rows.values[start - lo : stop - lo].numpy()}
 
     budget = batch_size * task.max_tokens  # padded tokens per forward pass
     n_tokens = int(offsets[-1])
@@ -133,17 +125,6 @@ def task_activations(
         "resid"
     ]
     return TaskActivations(task, resid, offsets, labels, n_train, rows)
-
-
-def _token_batches(members: list[int], lengths: np.ndarray, budget: int) -> list[list[int]]:
-    """Split examples sorted by length into batches of at most `budget` padded tokens (BOS included)."""
-    batches, current = [], []
-    for i in members:
-        if current and (len(current) + 1) * (int(lengths[i]) + 1) > budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
 
 
 def site_task_activations(site, task: Task) -> TaskActivations:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from saebench.context import EvalContext
 from saebench.metrics.registry import Metric, MetricResult, Plot, register
 from saebench.metrics.stats import ratio_estimate
+from saebench.model.batched import run_from_site
 from saebench.model.scoring import (
     ce_and_kl,
     ce_and_kl_linear,
@@ -34,6 +35,9 @@ from saebench.model.scoring import (
     next_token_ce,
 )
 from saebench.sae.sae import SAE
+
+#: positions whose next token is scored: 1..ctx-2 (targets 2..ctx-1)
+INNER = slice(1, -1)
 
 
 @dataclass
@@ -77,7 +81,7 @@ def reference(context: EvalContext) -> Reference:
         h = torch.from_numpy(np.array(resid[start:stop])).to(context.device, model.dtype)
         targets = ids[:, 2:]
         with torch.inference_mode():
-            final = model.from_site(h, layer)[:, 1:-1]
+            final = run_from_site(model, h, layer, positions=INNER)
             if linear:
                 ce_clean, e, c = clean_reference(model, final, targets)
                 out = {"unembed_mean": e.cpu().numpy(), "clean_term": c.cpu().numpy()}
@@ -86,7 +90,9 @@ def reference(context: EvalContext) -> Reference:
                 out = {"final": final.float().cpu().numpy()}
             zeroed = h.clone()
             zeroed[:, 1:][torch.from_numpy(mask[start:stop]).to(context.device)] = 0
-            ce_zero = next_token_ce(model, model.from_site(zeroed, layer)[:, 1:-1], targets)
+            ce_zero = next_token_ce(
+                model, run_from_site(model, h, layer, replacement=zeroed, positions=INNER), targets
+            )
         return {**out, "ce_clean": ce_clean.double().cpu().numpy(), "ce_zero": ce_zero.double().cpu().numpy()}
 
     arrays = store.collect(
@@ -105,9 +111,10 @@ def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricR
         ids = torch.from_numpy(context.windows[start:stop]).to(device)
         h = torch.from_numpy(np.array(context.resid[start:stop])).to(device, model.dtype)
         keep = torch.from_numpy(context.mask[start:stop]).to(device)
-        h[:, 1:][keep] = reconstructions.x_hat(start, stop).to(model.dtype)[keep]
+        spliced = h.clone()
+        spliced[:, 1:][keep] = reconstructions.x_hat(start, stop).to(model.dtype)[keep]
         with torch.inference_mode():
-            final = model.from_site(h, layer)[:, 1:-1]
+            final = run_from_site(model, h, layer, replacement=spliced, positions=INNER)
             if clean.unembed_mean is not None:
                 e = torch.from_numpy(np.array(clean.unembed_mean[start:stop])).to(device)
                 c = torch.from_numpy(np.array(clean.clean_term[start:stop])).to(device)
