@@ -18,6 +18,7 @@ the row (before the optimiser step) and `normalize_decoder` rescales the rows af
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..sae.sae import SAE, Normalization, SAEInfo, SparseCodes
 from .config import TrainConfig
-from .sparse_ops import selected_preactivations, sparse_decode
+from .sparse_ops import latent_major, selected_preactivations, sparse_decode
 
 
 class TrainOutput(NamedTuple):
@@ -73,6 +74,17 @@ class TrainableSAE(nn.Module):
         self.b_pre = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
         self.k_aux = config.effective_k_aux(d_in)
         self.auxk_alpha = config.effective_auxk_alpha()
+        #: large work buffers reused from step to step (a fresh 64 MB tensor costs ~20 ms in page faults)
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reused work tensor of `shape` (contents undefined), grown when too small."""
+        size = math.prod(shape)
+        buffer = self._scratch.get(name)
+        stale = buffer is None or (buffer.dtype, buffer.device) != (like.dtype, like.device)
+        if stale or buffer.numel() < size:
+            buffer = self._scratch[name] = like.new_empty(size)
+        return buffer[:size].view(shape)
 
     @property
     def d_in(self) -> int:
@@ -104,7 +116,10 @@ class TrainableSAE(nn.Module):
         """grad_i <- grad_i - (grad_i . w_i) w_i for every (unit) decoder row w_i."""
         if self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            g.sub_((g * w).sum(1, keepdim=True) * w)
+            # g -= (g * w).sum(1) w, through one reused (n, d) buffer instead of two fresh products
+            work = self._buffer("decoder_grad", tuple(g.shape), g)
+            dots = torch.mul(g, w, out=work).sum(1, keepdim=True)
+            g.sub_(torch.mul(dots, w, out=work))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -160,29 +175,35 @@ class TrainableSAE(nn.Module):
         values = u.new_empty(n_tokens, kk)
         aux_indices = torch.empty(n_tokens, k_aux, dtype=torch.int64, device=u.device)
         aux_values = u.new_empty(n_tokens, k_aux)
-        buffer = u.new_empty(chunk, self.n_latents)
+        buffer = self._buffer("preactivations", (chunk, self.n_latents), u)
+        if k_aux:
+            dead_buffer = self._buffer("dead_preactivations", (chunk, dead_ids.numel()), u)
         for start in range(0, n_tokens, chunk):
             stop = min(n_tokens, start + chunk)
             pre = torch.addmm(self.b_enc, centred[start:stop], self.W_enc.T, out=buffer[: stop - start])
             torch.topk(pre, kk, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
             if k_aux:
-                dead_pre = pre.index_select(1, dead_ids)
+                dead_pre = torch.index_select(pre, 1, dead_ids, out=dead_buffer[: stop - start])
                 top_values, top_positions = dead_pre.topk(k_aux, dim=1, sorted=False)
                 aux_values[start:stop] = top_values
                 aux_indices[start:stop] = dead_ids[top_positions]
         return indices, values, (aux_indices, aux_values) if k_aux else None
 
-    def _encode_selected(self, u, indices, values):
+    def _pattern(self, indices):
+        """The selection grouped by latent, shared by its encoder and decoder backward (sparse only)."""
+        return latent_major(indices, self.n_latents) if self.config.sparse_backward else None
+
+    def _encode_selected(self, u, indices, values, pattern=None):
         """Differentiable pre-activations at the selected indices."""
         if self.config.sparse_backward:
-            return selected_preactivations(u, self.b_pre, self.W_enc, self.b_enc, indices, values)
+            return selected_preactivations(u, self.b_pre, self.W_enc, self.b_enc, indices, values, pattern)
         pre = F.linear(u - self.b_pre, self.W_enc, self.b_enc)
         return pre.gather(1, indices)
 
-    def _decode(self, indices, z):
+    def _decode(self, indices, z, pattern=None):
         """W_dec^T z without the bias."""
         if self.config.sparse_backward:
-            return sparse_decode(indices, z, self.W_dec)
+            return sparse_decode(indices, z, self.W_dec, pattern)
         dense = z.new_zeros(z.shape[0], self.n_latents).scatter(1, indices, z)
         return dense @ self.W_dec
 
@@ -190,22 +211,25 @@ class TrainableSAE(nn.Module):
         k = self.config.k
         kk = 4 * k if self.config.multi_topk else k
         indices, values, aux = self._select(u, dead, kk)
-        z = F.relu(self._encode_selected(u, indices, values))
+        pattern = self._pattern(indices)
+        z = F.relu(self._encode_selected(u, indices, values, pattern))
         zero = total_variance.new_zeros(())
         multi = zero
         if self.config.multi_topk:
-            u_hat_4k = self._decode(indices, z) + self.b_pre
+            u_hat_4k = self._decode(indices, z, pattern) + self.b_pre
             multi = nmse(u_hat_4k, u, total_variance)
             top = values.topk(k, dim=1, sorted=False).indices
             indices, z = indices.gather(1, top), z.gather(1, top)
-        u_hat = self._decode(indices, z) + self.b_pre
+            pattern = self._pattern(indices)
+        u_hat = self._decode(indices, z, pattern) + self.b_pre
         recon = nmse(u_hat, u, total_variance)
         auxk = zero
         if aux is not None:
             aux_indices, aux_values = aux
-            aux_z = F.relu(self._encode_selected(u, aux_indices, aux_values))
+            aux_pattern = self._pattern(aux_indices)
+            aux_z = F.relu(self._encode_selected(u, aux_indices, aux_values, aux_pattern))
             error = (u - u_hat).detach()
-            auxk = nmse(self._decode(aux_indices, aux_z), error).nan_to_num(0.0)
+            auxk = nmse(self._decode(aux_indices, aux_z, aux_pattern), error).nan_to_num(0.0)
         loss = recon + self.auxk_alpha * auxk + multi / 8
         with torch.no_grad():
             active = z > 0

@@ -29,16 +29,61 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 1 << 24
 
 
+#: `latent_major`'s result: (crow, order, tokens)
+Pattern = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+#: devices whose sparse CSR @ dense product `scatter_outer` uses (MKL on CPU, cuSPARSE on CUDA)
+_CSR_DEVICES = ("cpu", "cuda")
+
+
 def _chunk_tokens(m: int, d: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, m * d))
 
 
+def latent_major(indices: torch.Tensor, n_rows: int) -> Pattern:
+    """The selections grouped by latent: (crow (n_rows + 1,), order (N m,), tokens (N m,)) such that the flat
+    positions p = t m + j with indices[t, j] == i are order[crow[i]:crow[i + 1]], in increasing p (token
+    order), and tokens = order // m are their tokens.
+
+    That is the CSR pattern of the (n_rows x N) transposed selection matrix; computed once per selection, it
+    serves every per-latent sum over it (`scatter_outer`)."""
+    flat = indices.reshape(-1)
+    key = flat.int() if n_rows <= torch.iinfo(torch.int32).max else flat  # int32 sorts ~5x faster
+    order = key.sort(stable=True).indices
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=indices.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    return crow, order, order // indices.shape[1]
+
+
 def scatter_outer(
-    indices: torch.Tensor, coeff: torch.Tensor, vectors: torch.Tensor, n_rows: int
+    indices: torch.Tensor,
+    coeff: torch.Tensor,
+    vectors: torch.Tensor,
+    n_rows: int,
+    pattern: Pattern | None = None,
 ) -> torch.Tensor:
-    """out (n_rows, d) with out[i] = sum over (t, j) with indices[t, j] == i of coeff[t, j] * vectors[t]."""
+    """out (n_rows, d) with out[i] = sum over (t, j) with indices[t, j] == i of coeff[t, j] * vectors[t].
+
+    On CPU and CUDA: one sparse (CSR, n_rows x N, m nonzeros per column) @ dense (N x d) product, with the
+    terms of each row summed in token order (the order the chunked `index_add_` fallback uses; `pattern`
+    is `latent_major(indices, n_rows)` when the caller has it); elsewhere index_add_ over token chunks."""
     n_tokens, m = indices.shape
     d = vectors.shape[1]
+    if vectors.device.type in _CSR_DEVICES and n_tokens * m:
+        crow, order, tokens = pattern if pattern is not None else latent_major(indices, n_rows)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            selection = torch.sparse_csr_tensor(
+                crow,
+                tokens,
+                coeff.reshape(-1)[order],
+                (n_rows, n_tokens),
+                check_invariants=False,
+            )
+        # into an uninitialised result with beta=0: `selection @ vectors` would zero-fill a result, compute
+        # into a second one and copy it over (two extra passes over (n_rows, d))
+        out = vectors.new_empty(n_rows, d)
+        return torch.addmm(out, selection, vectors, beta=0, out=out)
     out = vectors.new_zeros(n_rows, d)
     chunk = min(n_tokens, _chunk_tokens(m, d))
     buffer = vectors.new_empty(chunk, m, d)
@@ -53,10 +98,16 @@ def scatter_outer(
 def gathered_dot(indices: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """out (N, m) with out[t, j] = rows[indices[t, j]] . vectors[t]; indices distinct within each token.
 
-    A sampled dense-dense matmul: (vectors @ rows^T) evaluated only at the CSR pattern of `indices`."""
+    A sampled dense-dense matmul: (vectors @ rows^T) evaluated only at the CSR pattern of `indices`.  The CPU
+    kernel computes every sampled entry on its own, so there the columns go in unsorted (and the values come
+    back in the order of `indices`); elsewhere they are sorted per token first and the result unsorted."""
     n_tokens, m = indices.shape
-    order = indices.argsort(dim=1)
-    columns = indices.gather(1, order)
+    unsorted = vectors.device.type == "cpu"
+    if unsorted:
+        columns, order = indices, None
+    else:
+        order = indices.argsort(dim=1)
+        columns = indices.gather(1, order)
     crow = torch.arange(0, n_tokens * m + 1, m, device=indices.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
@@ -68,7 +119,7 @@ def gathered_dot(indices: torch.Tensor, rows: torch.Tensor, vectors: torch.Tenso
             check_invariants=False,
         )
     sampled = torch.sparse.sampled_addmm(pattern, vectors, rows.T, beta=0.0).values().view(n_tokens, m)
-    return torch.empty_like(sampled).scatter_(1, order, sampled)
+    return sampled if order is None else torch.empty_like(sampled).scatter_(1, order, sampled)
 
 
 class SelectedPreactivations(torch.autograd.Function):
@@ -79,13 +130,14 @@ class SelectedPreactivations(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, b_pre, W_enc, b_enc, indices, values=None):
+    def forward(ctx, u, b_pre, W_enc, b_enc, indices, values=None, pattern=None):
         centred = u - b_pre
         if values is None:
             values = gathered_dot(indices, W_enc, centred) + b_enc[indices]
         else:
             values = values.clone()
         ctx.save_for_backward(centred, W_enc, indices)
+        ctx.pattern = pattern
         ctx.mark_non_differentiable(indices)
         return values
 
@@ -103,16 +155,17 @@ class SelectedPreactivations(torch.autograd.Function):
         if need_u:
             grad_u = F.embedding_bag(indices, W_enc, per_sample_weights=grad, mode="sum")
         if need_w:
-            grad_w = scatter_outer(indices, grad, centred, W_enc.shape[0])
-        return grad_u, grad_b_pre, grad_w, grad_b, None, None
+            grad_w = scatter_outer(indices, grad, centred, W_enc.shape[0], ctx.pattern)
+        return grad_u, grad_b_pre, grad_w, grad_b, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
     """y[t] = sum_j z[t, j] W_dec[I[t, j]] (no bias), with gradients through the selected rows only."""
 
     @staticmethod
-    def forward(ctx, indices, z, W_dec):
+    def forward(ctx, indices, z, W_dec, pattern=None):
         ctx.save_for_backward(indices, z, W_dec)
+        ctx.pattern = pattern
         return F.embedding_bag(indices, W_dec, per_sample_weights=z, mode="sum")
 
     @staticmethod
@@ -120,8 +173,10 @@ class SparseDecode(torch.autograd.Function):
         indices, z, W_dec = ctx.saved_tensors
         grad = grad.contiguous()
         grad_z = gathered_dot(indices, W_dec, grad) if ctx.needs_input_grad[1] else None
-        grad_w = scatter_outer(indices, z, grad, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return None, grad_z, grad_w
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = scatter_outer(indices, z, grad, W_dec.shape[0], ctx.pattern)
+        return None, grad_z, grad_w, None
 
 
 def selected_preactivations(
@@ -131,11 +186,17 @@ def selected_preactivations(
     b_enc: torch.Tensor,
     indices: torch.Tensor,
     values: torch.Tensor | None = None,
+    pattern: Pattern | None = None,
 ) -> torch.Tensor:
-    """See `SelectedPreactivations`."""
-    return SelectedPreactivations.apply(u, b_pre, W_enc, b_enc, indices, values)
+    """See `SelectedPreactivations`; `pattern`: `latent_major(indices, n)` when the caller shares it."""
+    return SelectedPreactivations.apply(u, b_pre, W_enc, b_enc, indices, values, pattern)
 
 
-def sparse_decode(indices: torch.Tensor, z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """See `SparseDecode`."""
-    return SparseDecode.apply(indices, z, W_dec)
+def sparse_decode(
+    indices: torch.Tensor,
+    z: torch.Tensor,
+    W_dec: torch.Tensor,
+    pattern: Pattern | None = None,
+) -> torch.Tensor:
+    """See `SparseDecode`; `pattern`: `latent_major(indices, n)` when the caller shares it."""
+    return SparseDecode.apply(indices, z, W_dec, pattern)
