@@ -4,6 +4,13 @@ A `Store` is one folder per key (model, layer, data, sizes, ...): `key.json` say
 array is one `.npy` file written atomically.  `Store.collect` fills an array chunk by chunk, keeping each
 finished chunk as a shard, so a job killed half-way resumes where it stopped; when every chunk is done the
 shards are joined into the final array and removed.  Arrays are read back memory-mapped.
+
+Several processes may share a cache (a job queue evaluating a folder of checkpoints on one site).  Every
+file is written to a temporary name and renamed, so a reader sees a whole file or none.  Producing is
+serialised per store by a file lock (`saebench.data.locks`, released by the kernel when its holder dies):
+the first process collects, the others wait, then find the finished arrays and load them; when the
+producer was killed, the next one takes over from its shards.  A warm read (the arrays exist) takes no
+lock.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from saebench.data.locks import FileLock
 
 
 def cache_root() -> Path:
@@ -67,6 +76,17 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _rows_of(path: Path) -> int | None:
+    """The first-axis length of a readable .npy file, else None (missing, or not a whole array)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).shape[0]
+    except (OSError, ValueError, EOFError, IndexError):
+        return None
+
+
+LOCK_FILE = ".lock"
+
+
 class Store:
     """The cached arrays of one key under `<root>/<kind>/<digest>/`."""
 
@@ -111,8 +131,21 @@ class Store:
     def load(self, name: str, mmap: bool = True) -> np.ndarray:
         return np.load(self.path(name), mmap_mode="r" if mmap else None, allow_pickle=False)
 
+    def lock(self, what: str = "") -> FileLock:
+        """The store's producer lock: held while its arrays are written (re-entrant within a process)."""
+        return FileLock(self.folder / LOCK_FILE, what or f"writing {self.kind}")
+
     def save(self, name: str, array: np.ndarray) -> None:
-        atomic_save_npy(self.path(name), array)
+        with self.lock(f"writing {self.kind}/{name}"):
+            atomic_save_npy(self.path(name), array)
+
+    def cached(self, name: str, make: Callable[[], np.ndarray], mmap: bool = False) -> np.ndarray:
+        """Array `name`, computed by `make()` and saved when missing, by one process at a time."""
+        if not self.has(name):
+            with self.lock(f"computing {self.kind}/{name}"):
+                if not self.has(name):  # else another process finished it while this one waited
+                    atomic_save_npy(self.path(name), make())
+        return self.load(name, mmap)
 
     def collect(
         self,
@@ -125,23 +158,40 @@ class Store:
         """Fill arrays `names` over items [0, n_items) with `produce(start, stop)`, resumably.
 
         `produce` returns one array per name whose first axis has stop - start rows.  Finished chunks
-        survive an interruption as shards; a rerun computes only the missing ones.
+        survive an interruption as shards; a rerun computes only the missing ones.  One process collects
+        at a time: others wait for the lock and then load what it made, or go on from its shards.
         """
-        if self.has(*names):
-            return {n: self.load(n) for n in names}
+        if not self.has(*names):
+            with self.lock(desc) as lock:
+                if not self.has(*names):  # else another process finished while this one waited
+                    self._collect(names, n_items, chunk, produce, desc, lock.locked)
+        return {n: self.load(n) for n in names}
+
+    def _collect(self, names, n_items, chunk, produce, desc, locked: bool) -> None:
         shard_dir = self.folder / f"shards-{'-'.join(names)}-{chunk}"
+        if locked:  # temporaries left by a killed producer; nobody else writes here while we hold the lock
+            for leftover in [
+                *shard_dir.glob(".*.tmp"),
+                *(t for n in names for t in self.folder.glob(f".{n}.npy.*.tmp")),
+            ]:
+                leftover.unlink(missing_ok=True)
         starts = list(range(0, n_items, chunk))
-        todo = [s for s in starts if not all((shard_dir / f"{n}.{s:09d}.npy").exists() for n in names)]
+        rows = {s: min(s + chunk, n_items) - s for s in starts}
+
+        def shard(name: str, start: int) -> Path:
+            return shard_dir / f"{name}.{start:09d}.npy"
+
+        todo = [s for s in starts if not all(_rows_of(shard(n, s)) == rows[s] for n in names)]
         with tqdm(
             total=n_items,
             desc=desc,
             unit="item",
-            initial=(len(starts) - len(todo)) * chunk,
+            initial=sum(rows[s] for s in starts) - sum(rows[s] for s in todo),
             dynamic_ncols=True,
             leave=False,
         ) as bar:
             for start in todo:
-                stop = min(start + chunk, n_items)
+                stop = start + rows[start]
                 arrays = produce(start, stop)
                 for n in names:
                     if arrays[n].shape[0] != stop - start:
@@ -149,13 +199,12 @@ class Store:
                             f"{desc}: produce() gave {arrays[n].shape[0]} rows of {n!r}, "
                             f"expected {stop - start}"
                         )
-                    atomic_save_npy(shard_dir / f"{n}.{start:09d}.npy", arrays[n])
+                    atomic_save_npy(shard(n, start), arrays[n])
                 bar.update(stop - start)
         for n in names:
-            parts = [np.load(shard_dir / f"{n}.{s:09d}.npy", mmap_mode="r") for s in starts]
-            self._join(n, parts)
+            if not self.has(n):  # else joined before an interruption
+                self._join(n, [np.load(shard(n, s), mmap_mode="r") for s in starts])
         shutil.rmtree(shard_dir, ignore_errors=True)
-        return {n: self.load(n) for n in names}
 
     def _join(self, name: str, parts: list[np.ndarray]) -> None:
         rows = sum(p.shape[0] for p in parts)

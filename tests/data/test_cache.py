@@ -48,3 +48,29 @@ def test_context_reuses_a_bigger_collection(make_context):
     np.testing.assert_array_equal(small, big[:8])
     np.testing.assert_array_equal(context.site.windows("train", 8), context.site.windows("train", 20)[:8])
     assert not context.store("resid-train", {"n_windows": 8, "start": 0}).has("resid")
+
+
+def test_cached_computes_once(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return np.arange(5)
+
+    store = Store("k", {"x": 1}, root=tmp_path)
+    np.testing.assert_array_equal(store.cached("a", make), np.arange(5))
+    np.testing.assert_array_equal(Store("k", {"x": 1}, root=tmp_path).cached("a", make), np.arange(5))
+    assert calls == [1]
+
+
+def test_lock_is_reentrant_within_a_process(tmp_path):
+    from saebench.data.locks import held
+
+    store = Store("k", {"x": 1}, root=tmp_path)
+    with store.lock() as outer:
+        assert outer.locked
+        with store.lock():
+            store.save("a", np.zeros(3))  # save takes the same lock again
+        assert held(store.folder / ".lock")
+    assert not held(store.folder / ".lock")
+    assert store.has("a")
