@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import warnings
@@ -12,6 +13,65 @@ from pathlib import Path
 from saebench.context import EvalConfig
 from saebench.data.site import DTYPES, SiteConfig
 from saebench.metrics.registry import metrics as all_metrics
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the suite's error form: one line, `saebench: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"saebench: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _integer(minimum: int):
+    """An argparse type: an integer >= minimum, written as 1024, 1_000 or 1e6."""
+
+    def read(text: str) -> int:
+        word = text.strip().replace("_", "")
+        try:
+            number = float(word)
+        except ValueError:
+            number = math.nan
+        value = int(number) if math.isfinite(number) and number.is_integer() else None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    read.__name__ = "integer"
+    return read
+
+
+def check_device(text: str) -> str:
+    """`--device` checked before any work: a torch device this machine has; returns it as given."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {text}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            have = ", ".join(f"cuda:{i}" for i in range(count))
+            raise ValueError(
+                f"--device {text}: this machine has {count} CUDA device(s) ({have}); use one of those"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text}: saebench runs on cpu, cuda or mps")
+    return text
+
+
+def _check_folder(flag: str, path: str | None) -> None:
+    """A folder option (--out, --cache-dir) may name a folder or nothing yet, never a file."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
 
 
 def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
@@ -24,7 +84,7 @@ def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
     )
     p.add_argument(
         "--layer",
-        type=int,
+        type=_integer(0),
         default=None,
         help="site = residual after this block (default: the checkpoint's, else about 3/4 depth)",
     )
@@ -35,22 +95,26 @@ def _add_eval_args(p: argparse.ArgumentParser, n_tokens: bool = True) -> None:
     )
     if n_tokens:
         p.add_argument(
-            "--n-tokens", type=int, default=d.n_tokens, help="evaluation tokens (default %(default)s)"
+            "--n-tokens", type=_integer(1), default=d.n_tokens, help="evaluation tokens (default %(default)s)"
         )
-    p.add_argument("--ctx", type=int, default=d.ctx, help="window length incl. BOS (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per model pass")
+    p.add_argument(
+        "--ctx", type=_integer(4), default=d.ctx, help="window length incl. BOS (default %(default)s)"
+    )
+    p.add_argument("--batch-size", type=_integer(1), default=d.batch_size, help="windows per model pass")
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES), help="model and SAE dtype")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=_integer(0), default=d.seed)
     p.add_argument(
         "--cache-dir", default=None, help="activation cache (default $SAEBENCH_CACHE or ~/.cache/saebench)"
     )
 
 
-def _site_config(args, n_tokens: int) -> SiteConfig:
-    """The site settings shared by `run` (its evaluation set adds --n-tokens) and `train`."""
-    if n_tokens <= 0 or args.ctx < 4:
-        raise ValueError("--n-tokens must be positive and --ctx at least 4")
+def _site_config(args) -> SiteConfig:
+    """The site settings shared by `run` (its evaluation set adds --n-tokens) and `train`, checked before any
+    model loads (the layer is checked against the model once it is loaded)."""
+    check_device(args.device)
+    _check_folder("--out", args.out)
+    _check_folder("--cache-dir", args.cache_dir)
     return SiteConfig(
         model=args.model or SiteConfig.model,
         layer=args.layer,
@@ -90,8 +154,18 @@ def _parse_params(items: list[str]) -> dict[str, dict]:
 
 
 def cmd_run(args) -> int:
-    from saebench.runner import RunConfig, Runner, parse_metrics, summary_table
+    from saebench.runner import RunConfig, Runner, check_label, parse_metrics, summary_table
 
+    site = _site_config(args)
+    if args.format is not None:
+        from saebench.sae.formats import FORMATS
+
+        if args.format not in FORMATS:
+            raise ValueError(
+                f"--format {args.format}: unknown checkpoint format; known formats: {', '.join(FORMATS)}"
+            )
+    if args.label is not None:
+        check_label(args.label)
     params = _parse_params(args.param)
     options: dict[str, dict] = {}
     for metric in all_metrics():
@@ -102,21 +176,42 @@ def cmd_run(args) -> int:
                     ",".join(value) if option.repeatable else value
                 )
     metrics, implied = parse_metrics(args.tasks, options)
+    for name in options:
+        if name not in metrics:
+            flags = " and ".join(
+                o.flag
+                for o in next(m for m in all_metrics() if m.name == name).options
+                if o.param in options[name]
+            )
+            raise ValueError(
+                f"{flags} sets a parameter of {name}, which --tasks does not select; add {name} to --tasks"
+            )
     for name in {*implied, *options}:  # explicit options win over what --tasks items imply
         params[name] = {**params.get(name, {}), **implied.get(name, {}), **options.get(name, {})}
     config = RunConfig(
         checkpoint=args.checkpoint,
         metrics=metrics,
-        eval=EvalConfig(**dataclasses.asdict(_site_config(args, args.n_tokens)), n_tokens=args.n_tokens),
+        eval=EvalConfig(**dataclasses.asdict(site), n_tokens=args.n_tokens),
         out=args.out,
         force=args.force,
         format=args.format,
         model_given=args.model is not None,
         params=params,
+        label=args.label,
     )
-    results = Runner(config).run()
-    print(summary_table(results))
-    print(f"\nresults: {Path(args.out).resolve()}")
+    runner = Runner(config)
+    results = runner.run()
+    if results:
+        print(summary_table(results, wide=args.wide))
+        print(f"\nresults: {Path(args.out).resolve()}")
+    if runner.failures:
+        for failure in runner.failures:
+            print(f"saebench: error: {failure}", file=sys.stderr)
+        total = len(runner.failures) + len({r["checkpoint"]["label"] for r in results})
+        print(
+            f"saebench: {len(runner.failures)} of {total} checkpoints failed (listed above)", file=sys.stderr
+        )
+        return 1
     return 0
 
 
@@ -133,6 +228,7 @@ def cmd_train(args) -> int:
     import dataclasses
 
     from saebench.data.site import Site
+    from saebench.runner import check_layer
     from saebench.train.presets import PRESETS, SWEEPS
     from saebench.train.runs import train_runs
 
@@ -145,11 +241,13 @@ def cmd_train(args) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
     if args.sweep is not None and args.sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {args.sweep!r}; sweeps: {', '.join(SWEEPS)}")
-    site_cfg = _site_config(args, n_tokens=args.n_tokens)
+    site_cfg = _site_config(args)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
     configs = {n: dataclasses.replace(PRESETS[n], **overrides) for n in names}
-    done = train_runs(Site(site_cfg), configs, Path(args.out), args.n_tokens)
+    site = Site(site_cfg)
+    check_layer(site)
+    done = train_runs(site, configs, Path(args.out), args.n_tokens)
     print("\n".join(str(p) for p in done))
     return 0
 
@@ -165,6 +263,14 @@ def cmd_tasks(args) -> int:
 def cmd_leaderboard(args) -> int:
     from saebench.leaderboard import generate
 
+    for folder in args.results:
+        if not Path(folder).exists():
+            raise ValueError(
+                f"--results {folder} does not exist; give a folder of result files (`saebench run --out`)"
+            )
+        if not Path(folder).is_dir():
+            raise ValueError(f"--results {folder} is a file; give a folder of result files")
+    _check_folder("--out", args.out)
     path = generate([Path(p) for p in args.results], Path(args.out), sort=args.sort)
     print(path.read_text())
     print(f"leaderboard: {path.resolve()}")
@@ -181,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     from saebench.params import describe_fields
     from saebench.train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="saebench", description="Evaluate sparse autoencoders.")
+    parser = _Parser(prog="saebench", description="Evaluate sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"saebench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -208,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", default=None, help="override checkpoint format detection")
     run.add_argument("--out", default="results", help="results folder (default %(default)s)")
     run.add_argument("--force", action="store_true", help="recompute even if a matching result exists")
+    run.add_argument(
+        "--label",
+        default=None,
+        metavar="NAME",
+        help="file a single checkpoint's results under OUT/NAME (default: its folder or file name)",
+    )
+    run.add_argument(
+        "--wide", action="store_true", help="summary with every headline value, however wide the table"
+    )
     for metric in all_metrics():
         for option in metric.options:
             run.add_argument(
@@ -240,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default=None, help="one preset, e.g. topk-n4096-k32")
     train.add_argument("--sweep", default=None, help="a named sweep of presets, e.g. baseline")
     train.add_argument(
-        "--n-tokens", type=int, default=500_000, help="training tokens per run (default %(default)s)"
+        "--n-tokens", type=_integer(1), default=500_000, help="training tokens per run (default %(default)s)"
     )
     train.add_argument("--out", default="checkpoints", help="folder for the runs (default %(default)s)")
     train.add_argument(

@@ -2,7 +2,8 @@
 
 Layout: `<out>/<checkpoint label>/<metric>.json`.  Each file carries a `key` (hash of the metric name and
 version, its parameters, the checkpoint's sha256 and the evaluation data key): a rerun whose key matches
-reuses the file instead of recomputing.
+reuses the file instead of recomputing.  A label folder holds one checkpoint's results: the runner refuses
+to file a checkpoint with another sha256 there.
 """
 
 from __future__ import annotations
@@ -89,9 +90,18 @@ def provenance(device: str, wall_time_s: float) -> dict:
     }
 
 
+def filed_checkpoints(folder: Path):
+    """(path, checkpoint entry) of each result file directly in one checkpoint's results folder."""
+    for path in sorted(Path(folder).glob("*.json")):
+        result = load_result(path)
+        if isinstance(result, dict) and isinstance(result.get("checkpoint"), dict):
+            yield path, result["checkpoint"]
+
+
 def iter_results(folder: Path):
     """Every result file below a folder, parsed (unreadable files are skipped)."""
     for path in sorted(Path(folder).rglob("*.json")):
         result = load_result(path)
         if isinstance(result, dict) and result.get("schema") == RESULT_SCHEMA and "metric" in result:
             yield path, result
+

@@ -22,10 +22,12 @@ from saebench.metrics.registry import metrics as all_metrics
 from saebench.results import (
     RESULT_SCHEMA,
     file_digest,
+    filed_checkpoints,
     provenance,
     result_key,
     result_path,
     reusable,
+    slug,
     write_result,
 )
 from saebench.sae.builtin import build_builtin, is_builtin, parse_builtin
@@ -52,6 +54,8 @@ class RunConfig:
     model_given: bool = False
     #: per-metric parameter overrides: {metric: {field: value}}
     params: dict[str, dict] = field(default_factory=dict)
+    #: the label a single checkpoint's results are filed under (default: its folder or file name)
+    label: str | None = None
 
 
 @dataclass
@@ -61,6 +65,56 @@ class Checkpoint:
     source: str
     label: str
     sha256: str | None = None
+
+    def identify(self) -> str:
+        """What result files of this checkpoint share (see `same_checkpoint`): its sha256, computed once; for
+        a built-in baseline its spec (its sha256 adds the site it is fitted at, known once it is built)."""
+        if is_builtin(self.source):
+            return f"builtin:{parse_builtin(self.source)}"
+        if self.sha256 is None:
+            self.sha256 = file_digest(Path(self.source))
+        return self.sha256
+
+
+def same_checkpoint(filed: dict, ckpt: Checkpoint) -> bool:
+    """Whether a result file's `checkpoint` entry is of `ckpt`: the same sha256 for files; for a built-in
+    baseline the same spec (its sha256 also names the site it was fitted at, which a rerun may change)."""
+    sha = str(filed.get("sha256") or "")
+    if is_builtin(ckpt.source):
+        return sha.startswith(ckpt.identify() + ":")
+    return sha == ckpt.identify()
+
+
+@dataclass
+class Failure:
+    """A checkpoint of a folder that could not be evaluated, and why (the message names the fix)."""
+
+    label: str
+    source: str
+    message: str
+
+    def __str__(self) -> str:
+        message = self.message.removeprefix(f"{self.source}: ")
+        return f"checkpoint {self.label} ({self.source}): {message}"
+
+
+#: what stops one checkpoint of a folder, reported at the end instead of stopping the run
+CHECKPOINT_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError)
+
+
+def check_label(label: str) -> str:
+    """A `--label`: a file-name-safe name (it becomes the results subfolder)."""
+    if not label or label.startswith(".") or slug(label) != label:
+        raise ValueError(f"--label {label!r}: use letters, digits and . _ + - (not starting with .)")
+    return label
+
+
+def check_layer(site, what: str | None = None) -> None:
+    """Raise unless the site's layer is one of the loaded model's blocks (`what` names where it came from)."""
+    n_layers, layer = site.model.n_layers, site.layer
+    if not 0 <= layer < n_layers:
+        what = what or f"--layer {layer}"
+        raise ValueError(f"{what}: the model has blocks 0..{n_layers - 1}; pass --layer with one of those")
 
 
 def parse_metrics(spec: str, overrides: dict[str, dict] | None = None) -> tuple[list[str], dict[str, dict]]:
@@ -101,13 +155,23 @@ def parse_metrics(spec: str, overrides: dict[str, dict] | None = None) -> tuple[
     return [n for n in names if n in wanted], implied
 
 
-def discover(checkpoint: str) -> list[Checkpoint]:
+def discover(checkpoint: str, label: str | None = None) -> list[Checkpoint]:
+    """The checkpoints at or below `checkpoint`, each with the label its results are filed under: a single
+    checkpoint's folder or file name (or `label`), a folder's checkpoints their paths below it."""
     if is_builtin(checkpoint):
-        return [Checkpoint(checkpoint, parse_builtin(checkpoint).label)]
+        return [Checkpoint(checkpoint, label or parse_builtin(checkpoint).label)]
     from saebench.sae.load import find_checkpoints
 
     root = Path(checkpoint)
-    paths = find_checkpoints(root)
+    # a file is one checkpoint: loading it detects its format (or takes --format) or says why it cannot
+    paths = [root] if root.is_file() else find_checkpoints(root)
+    if label is not None and len(paths) > 1:
+        raise ValueError(
+            f"--label names one checkpoint, but {checkpoint} holds {len(paths)}; their results are filed "
+            "under their paths below it: drop --label"
+        )
+    if label is not None:
+        return [Checkpoint(str(paths[0]), label)]
     found = []
     for p in paths:
         rel = p.relative_to(root) if p != root and root.is_dir() else Path(p.name)
@@ -130,16 +194,26 @@ def make_params(metric: Metric, overrides: dict) -> object:
 
 
 class Runner:
-    """Evaluates checkpoints; contexts (model, cached activations) are shared across checkpoints."""
+    """Evaluates checkpoints; contexts (model, cached activations) are shared across checkpoints.
+
+    A folder of checkpoints is a batch: a checkpoint that cannot be evaluated is recorded in `failures`
+    and the others go on.  A single checkpoint's error is raised.
+    """
 
     def __init__(self, config: RunConfig, model=None, model_identity: str | None = None):
         self.config = config
         self.contexts: dict[tuple, EvalContext] = {}
+        self.failures: list[Failure] = []
+        self._broken: dict[tuple, Exception] = {}
         self._model = model
         self._model_identity = model_identity
 
-    def context_for(self, model_name: str, layer: int | None) -> EvalContext:
+    def context_for(self, model_name: str, layer: int | None, what_layer: str | None = None) -> EvalContext:
+        """The context at (model, layer), its model loaded, layer checked and windows cut; a context that
+        failed to come up fails again at once for the next checkpoint that needs it."""
         key = (model_name, layer)
+        if key in self._broken:
+            raise self._broken[key]
         if key not in self.contexts:
             cfg = dataclasses.replace(self.config.eval, model=model_name, layer=layer)
             shared = next(iter(self.contexts.values()), None)
@@ -148,7 +222,14 @@ class Runner:
                 if self._model is not None
                 else (shared.model if shared is not None and shared.config.model == model_name else None)
             )
-            self.contexts[key] = EvalContext(cfg, preloaded_model=model, model_identity=self._model_identity)
+            context = EvalContext(cfg, preloaded_model=model, model_identity=self._model_identity)
+            try:
+                check_layer(context.site, what_layer)
+                context.windows  # noqa: B018 -- corpus problems surface before any metric runs
+            except Exception as err:
+                self._broken[key] = err
+                raise
+            self.contexts[key] = context
         return self.contexts[key]
 
     def load(self, ckpt: Checkpoint) -> tuple[SAE, EvalContext]:
@@ -157,14 +238,15 @@ class Runner:
             spec = parse_builtin(ckpt.source)
             context = self.context_for(cfg.eval.model, cfg.eval.layer)
             sae = build_builtin(spec, context.site.train_sample(spec.fit_tokens), seed=cfg.eval.seed)
-            ckpt.sha256 = f"builtin:{spec}:{context.site.key}"
+            ckpt.sha256 = f"{ckpt.identify()}:{context.site.key}"
         else:
+            from saebench.model.loading import ModelLoadError
             from saebench.sae.load import check_width, load_sae
 
             sae = load_sae(ckpt.source, format=cfg.format, device="cpu", dtype=torch.float32)
-            ckpt.sha256 = file_digest(Path(ckpt.source))
             model_name = cfg.eval.model
-            if sae.info.model_name and not cfg.model_given:
+            named = sae.info.model_name and not cfg.model_given
+            if named:
                 model_name = _known_model(sae.info.model_name, cfg.eval.model)
             elif sae.info.model_name and sae.info.model_name != cfg.eval.model:
                 warnings.warn(
@@ -173,23 +255,61 @@ class Runner:
                     stacklevel=2,
                 )
             layer = cfg.eval.layer if cfg.eval.layer is not None else sae.info.layer
+            what_layer = (
+                None if cfg.eval.layer is not None or layer is None else f"layer {layer} (the checkpoint's)"
+            )
             if cfg.eval.layer is not None and sae.info.layer is not None and sae.info.layer != cfg.eval.layer:
                 warnings.warn(
                     f"{ckpt.source} was trained at layer {sae.info.layer}; evaluating at layer "
                     f"{cfg.eval.layer} as asked",
                     stacklevel=2,
                 )
-            context = self.context_for(model_name, layer)
+            try:
+                context = self.context_for(model_name, layer, what_layer)
+            except ModelLoadError as err:
+                if not named:
+                    raise
+                from saebench.model import DEFAULT_MODEL
+
+                raise ModelLoadError(
+                    f"{ckpt.source}: its config names model {sae.info.model_name!r}, which cannot be loaded "
+                    f"here ({err}); pass --model {DEFAULT_MODEL} (or another model of width {sae.d_in})"
+                ) from None
             check_width(sae, context.model.d_model)
         return sae.to(context.device, context.model.dtype).eval(), context
 
-    def evaluate(self, ckpt: Checkpoint, metric_names_: list[str]) -> list[dict]:
-        sae, context = self.load(ckpt)
-        results = []
-        for name in metric_names_:
+    def _plan(self) -> list[tuple[Metric, object, dict]]:
+        """(metric, parameters, what else its results depend on) per requested metric, validated (task
+        selections included) before any checkpoint or model loads."""
+        plan = []
+        for name in self.config.metrics:
             metric = get_metric(name)
             params = make_params(metric, self.config.params.get(name, {}))
-            extra = metric.key_extra(params) if metric.key_extra else {}
+            plan.append((metric, params, metric.key_extra(params) if metric.key_extra else {}))
+        return plan
+
+    def check_filing(self, ckpt: Checkpoint, batch: bool) -> None:
+        """Refuse to file results of `ckpt` where another checkpoint's results are (a label is one folder)."""
+        folder = result_path(Path(self.config.out), ckpt.label, "x").parent
+        for path, filed in filed_checkpoints(folder):
+            if not same_checkpoint(filed, ckpt):
+                fix = "evaluate it alone with --label NAME" if batch else "pass --label NAME"
+                raise ValueError(
+                    f"{ckpt.source}: {folder} already holds results of another checkpoint "
+                    f"({filed.get('source')}, sha256 {str(filed.get('sha256'))[:12]}, in {path.name}); {fix} "
+                    f"to file it under another name, give another --out, or delete {folder} to replace them"
+                )
+
+    def evaluate(
+        self, ckpt: Checkpoint, plan: list[tuple[Metric, object, dict]], batch: bool = False
+    ) -> list[dict]:
+        ckpt.identify()
+        self.check_filing(ckpt, batch)
+        sae, context = self.load(ckpt)
+        print(f"evaluating {ckpt.label} ({', '.join(m.name for m, _, _ in plan)})", file=sys.stderr)
+        results = []
+        for metric, params, extra in plan:
+            name = metric.name
             key = result_key(
                 name, metric.version, params_dict(params), ckpt.sha256, {**context.data_key, **extra}
             )
@@ -208,11 +328,23 @@ class Runner:
         return results
 
     def run(self) -> list[dict]:
-        metrics = self.config.metrics
+        """Results of every checkpoint that could be evaluated; a folder's failures land in `failures`."""
+        self.failures = []
+        checkpoints = discover(self.config.checkpoint, self.config.label)
+        plan = self._plan()
+        batch = len(checkpoints) > 1
         results = []
-        for ckpt in discover(self.config.checkpoint):
-            print(f"evaluating {ckpt.label} ({', '.join(metrics)})", file=sys.stderr)
-            results.extend(self.evaluate(ckpt, metrics))
+        for ckpt in checkpoints:
+            try:
+                results.extend(self.evaluate(ckpt, plan, batch))
+            except CHECKPOINT_ERRORS as err:
+                if not batch:
+                    raise
+                text = str(err).strip()
+                self.failures.append(
+                    Failure(ckpt.label, ckpt.source, text.splitlines()[0] if text else type(err).__name__)
+                )
+                print(f"saebench: {ckpt.label} failed; going on with the others", file=sys.stderr)
         return results
 
 
@@ -258,27 +390,96 @@ def _payload(metric, params, result, ckpt, sae, context, key, wall) -> dict:
     }
 
 
-def summary_table(results: list[dict]) -> str:
-    """One row per checkpoint, the headline values of each metric with intervals."""
-    from tabulate import tabulate
+#: the terminal summary fits this many columns (`--wide` lifts the limit)
+SUMMARY_WIDTH = 100
 
-    rows: dict[str, dict] = {}
-    columns: list[str] = []
+
+def summary_table(results: list[dict], wide: bool = False, width: int = SUMMARY_WIDTH) -> str:
+    """The run's values with their intervals, in at most `width` columns unless `wide`.
+
+    One checkpoint: one row per value (metric, value, estimate [lo, hi], n).  Several: one table per metric,
+    a row per checkpoint, with the metric's first headline values, as many as fit; `wide`: one table of
+    every headline value of every metric.
+    """
+    labels = list(dict.fromkeys(r["checkpoint"]["label"] for r in results))
+    if len(labels) == 1:
+        return _values_table(results)
+    columns: dict[str, list[str]] = {}  # metric -> its headline values present, in headline order
+    rows: dict[str, dict] = {label: {} for label in labels}
     for r in results:
-        row = rows.setdefault(r["checkpoint"]["label"], {"checkpoint": r["checkpoint"]["label"]})
         for name in r["headline"]:
             v = r["values"].get(name)
             if v is None:
                 continue
-            col = name
-            if col not in columns:
-                columns.append(col)
-            row[col] = format_estimate(v)
-    return tabulate(
-        [[row.get(c, "") for c in ["checkpoint", *columns]] for row in rows.values()],
-        headers=["checkpoint", *columns],
-        tablefmt="github",
+            if name not in columns.setdefault(r["metric"], []):
+                columns[r["metric"]].append(name)
+            rows[r["checkpoint"]["label"]][(r["metric"], name)] = format_estimate(v)
+    if wide:
+        return _checkpoints_table(
+            rows, [(m, n) for m, names in columns.items() for n in names], shorten=False
+        )
+    blocks, shown, total = [], 0, 0
+    for metric, names in columns.items():
+        fit = 1
+        while (
+            fit < len(names)
+            and _width(_checkpoints_table(rows, [(metric, n) for n in names[: fit + 1]])) <= width
+        ):
+            fit += 1
+        blocks.append(f"{metric}\n{_checkpoints_table(rows, [(metric, n) for n in names[:fit]])}")
+        shown, total = shown + fit, total + len(names)
+    text = "\n\n".join(blocks)
+    if shown < total:
+        text += (
+            f"\n\n{shown} of {total} headline values shown; `saebench run --wide` shows them all, "
+            "the result files every value"
+        )
+    return text
+
+
+def _width(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def _short(label: str, limit: int = 32) -> str:
+    return (
+        label if len(label) <= limit else label[: limit // 2 - 1] + "..." + label[-(limit - limit // 2 - 2) :]
     )
+
+
+def _checkpoints_table(rows: dict[str, dict], columns: list[tuple[str, str]], shorten: bool = True) -> str:
+    from tabulate import tabulate
+
+    metrics = {m for m, _ in columns}
+    headers = ["checkpoint", *(name if len(metrics) < 2 else f"{m}.{name}" for m, name in columns)]
+    body = [
+        [_short(label) if shorten else label, *(cells.get(c, "") for c in columns)]
+        for label, cells in rows.items()
+    ]
+    return tabulate(body, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _values_table(results: list[dict]) -> str:
+    """One checkpoint's values, one per row: headline values first, in each metric's order."""
+    from tabulate import tabulate
+
+    body = []
+    for r in results:
+        names = [*r["headline"], *(n for n in r["values"] if n not in r["headline"])]
+        for name in names:
+            v = r["values"].get(name)
+            if v is None:
+                continue
+            count = f"{v.get('n', '')} {v.get('unit', '')}".strip()
+            body.append([r["metric"], name, format_estimate(v), count])
+    label = results[0]["checkpoint"]["label"]
+    table = tabulate(
+        body,
+        headers=["metric", "value", "estimate [95% interval]", "n"],
+        tablefmt="github",
+        disable_numparse=True,
+    )
+    return f"checkpoint {_short(label, 80)}\n{table}"
 
 
 def format_estimate(v: dict) -> str:

@@ -106,9 +106,12 @@ def test_labels_of_trainer_run_folders(tmp_path):
 
 
 def test_tasks_option_mixes_metrics_and_probe_tasks():
+    from saebench.metrics.registry import metric_names
     from saebench.runner import parse_metrics
 
-    assert parse_metrics("all") == (["core", "downstream", "probes"], {})
+    everything, implied = parse_metrics("all")
+    assert everything == metric_names() and everything[:3] == ["core", "downstream", "probes"]
+    assert implied == {}
     assert parse_metrics("downstream,core") == (["core", "downstream"], {})
     assert parse_metrics("core,code,21_headline_istrump") == (
         ["core", "probes"],
@@ -116,3 +119,66 @@ def test_tasks_option_mixes_metrics_and_probe_tasks():
     )
     with pytest.raises(ValueError, match="not a metric"):
         parse_metrics("core,nonsense")
+
+
+def test_builtin_rerun_at_another_site_is_the_same_checkpoint(tmp_path, corpus_file, tiny_llama):
+    import dataclasses
+
+    runner = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=600", metrics=["core"]
+    )
+    first = runner.run()[0]
+    runner.config.eval = dataclasses.replace(runner.config.eval, layer=2)
+    runner.contexts.clear()
+    second = runner.run()[0]  # refitted at layer 2 and filed under the same label, not refused
+    assert second["eval"]["layer"] == 2 and second["checkpoint"]["label"] == first["checkpoint"]["label"]
+    assert second["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
+    other = make_runner(
+        tmp_path, corpus_file, tiny_llama, "builtin:pca-topk:k=4,fit_tokens=700", metrics=["core"]
+    )
+    with pytest.raises(ValueError, match="already holds results of another checkpoint"):
+        other.run()  # another spec that happens to share the label (fit_tokens is not in it)
+
+
+def _result(label, metric, values, headline):
+    estimate = {"value": -0.012345678, "lo": -0.0345678, "hi": 0.0234567, "n": 16384, "unit": "windows"}
+    return {
+        "metric": metric,
+        "checkpoint": {"label": label},
+        "headline": headline,
+        "values": {name: estimate for name in values},
+    }
+
+
+def test_summary_fits_100_columns_and_wide_shows_everything():
+    metrics = {
+        "core": ["nmse", "l0", "dead_frac", "fvu_raw", "dense_frac", "norm_ratio"],
+        "downstream": ["delta_ce", "kl", "loss_recovered"],
+        "probes": ["probe_loss", "probe_loss_residual", "probe_loss_prior"],
+    }
+    labels = ["topk-n16384-k64__a-very-long-run-name-indeed__sae", "relu-n2048-l016", "builtin-pca-topk-k32"]
+    results = [_result(label, m, names, names) for label in labels for m, names in metrics.items()]
+    text = summary_table(results)
+    assert max(map(len, text.splitlines())) <= 100
+    blocks = text.split("\n\n")
+    assert [b.splitlines()[0] for b in blocks[:3]] == list(metrics)
+    for block, names in zip(blocks[:3], metrics.values(), strict=True):
+        header = [h.strip() for h in block.splitlines()[1].strip("|").split("|")]
+        assert header == ["checkpoint", *names[:2]]  # the first headline values, as many as fit
+        assert len(block.splitlines()) == 2 + 1 + len(labels)
+    assert (
+        blocks[3]
+        == "6 of 12 headline values shown; `saebench run --wide` shows them all, the result files every value"
+    )
+    wide = summary_table(results, wide=True)
+    assert all(f"{m}.{n}" in wide for m, names in metrics.items() for n in names)
+    assert labels[0] in wide and max(map(len, wide.splitlines())) > 100
+    single = summary_table(results[:3]).splitlines()
+    assert max(map(len, single)) <= 100 and len(single) == 1 + 2 + 12
+    assert single[0] == f"checkpoint {labels[0]}"
+    assert [c.strip() for c in single[3].strip("|").split("|")] == [
+        "core",
+        "nmse",
+        "-0.01235 [-0.03457, 0.02346]",
+        "16384 windows",
+    ]

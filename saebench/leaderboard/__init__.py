@@ -185,6 +185,7 @@ def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Pat
         raise ValueError(
             f"no result files under {', '.join(map(str, result_dirs))}: run `saebench run` first"
         )
+    rows_table = table(rows, sort)  # an unknown --sort stops here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     images = plots(rows, out)
     parts = [
@@ -195,7 +196,7 @@ def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Pat
         "`core.nmse` is measured in each SAE's own input space (after its input normalisation, e.g. "
         "per-token layer norm); `core.fvu_raw`, the same ratio in raw residual space, compares across them.",
         "",
-        table(rows, sort),
+        rows_table,
         "",
         "## Paper claims, measured here",
         "",
