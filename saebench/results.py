@@ -4,6 +4,9 @@ Layout: `<out>/<checkpoint label>/<metric>.json`.  Each file carries a `key` (ha
 version, its parameters, the checkpoint's sha256 and the evaluation data key): a rerun whose key matches
 reuses the file instead of recomputing.  A label folder holds one checkpoint's results: the runner refuses
 to file a checkpoint with another sha256 there.
+
+As data: `load_results(folder)` is one pandas row per (checkpoint, metric, value name), the columns in
+`RESULT_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from saebench import __version__
@@ -105,3 +109,106 @@ def iter_results(folder: Path):
         if isinstance(result, dict) and result.get("schema") == RESULT_SCHEMA and "metric" in result:
             yield path, result
 
+
+#: the columns of `load_results`, in order: what is measured, then which checkpoint, how, and provenance
+RESULT_COLUMNS = {
+    "label": "the checkpoint's label (its results folder)",
+    "metric": "metric name",
+    "name": "value name, e.g. nmse",
+    "value": "the estimate",
+    "lo": "lower end of its 95% bootstrap interval (empty when it has none)",
+    "hi": "upper end of the interval",
+    "n": "how many units the value and its interval rest on",
+    "unit": "what those units are (windows, tasks, latents)",
+    "headline": "whether the metric lists the value among its headline values",
+    "lower_is_better": "whether lower values are better",
+    "source": "where the checkpoint was read from",
+    "sha256": "the checkpoint's sha256 (built-ins: their spec and site)",
+    "format": "checkpoint format (saelens, sparsify, native, builtin, ...)",
+    "architecture": "topk, standard (ReLU), jumprelu, ...",
+    "n_latents": "dictionary size",
+    "k": "active latents per token of a TopK SAE (empty otherwise)",
+    "d_in": "input width",
+    "training_tokens": "tokens the checkpoint was trained on, where its training record says",
+    "variant": "the training variant its training record names, if any",
+    "metric_version": "the metric's version when the value was computed",
+    "model": "subject model",
+    "layer": "site: residual after this block",
+    "corpus": "evaluation corpus",
+    "n_tokens": "evaluation tokens",
+    "ctx": "window length",
+    "seed": "seed",
+    "dtype": "model and SAE dtype",
+    "wall_time_s": "seconds the metric took",
+    "device": "torch device it ran on",
+    "saebench_version": "saebench version",
+    "torch": "torch version",
+    "transformers": "transformers version",
+    "python": "Python version",
+    "created": "when the result was computed (UTC)",
+    "path": "the result file",
+}
+
+_INTEGER_COLUMNS = ("n", "n_latents", "k", "d_in", "training_tokens", "metric_version", "layer", "n_tokens")
+_INTEGER_COLUMNS += ("ctx", "seed")
+
+
+def load_results(folder: str | Path | Iterable[str | Path]):
+    """Every result file below `folder` (or below each of several folders) as a pandas DataFrame.
+
+    One row per (checkpoint, metric, value name), columns `RESULT_COLUMNS`; integer columns are nullable
+    (`Int64`), a field a file lacks is missing.  Rows come in file order (label, then metric), each file's
+    values in the order it stores them.
+    """
+    import pandas as pd
+
+    folders = [folder] if isinstance(folder, str | Path) else list(folder)
+    rows = []
+    for root in map(Path, folders):
+        if not root.is_dir():
+            raise ValueError(f"{root}: no such folder of result files")
+        for path, result in iter_results(root):
+            rows.extend(_result_rows(path, result))
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    for column in _INTEGER_COLUMNS:
+        frame[column] = pd.array(frame[column], dtype="Int64")
+    for column in ("value", "lo", "hi", "wall_time_s"):
+        frame[column] = frame[column].astype(float)
+    return frame
+
+
+def _result_rows(path: Path, result: dict) -> list[dict]:
+    ckpt = result.get("checkpoint") or {}
+    training = ckpt.get("training") or {}
+    evaluation = result.get("eval") or {}
+    prov = result.get("provenance") or {}
+    headline, lower = set(result.get("headline") or ()), set(result.get("lower_is_better") or ())
+    common = {
+        "label": ckpt.get("label"),
+        "metric": result["metric"],
+        **{key: ckpt.get(key) for key in ("source", "sha256", "format", "architecture", "n_latents", "k")},
+        "d_in": ckpt.get("d_in"),
+        "training_tokens": training.get("tokens_seen"),
+        "variant": training.get("variant"),
+        "metric_version": result.get("metric_version"),
+        **{
+            key: evaluation.get(key)
+            for key in ("model", "layer", "corpus", "n_tokens", "ctx", "seed", "dtype")
+        },
+        **{key: prov.get(key) for key in ("wall_time_s", "device", "saebench_version", "torch")},
+        **{key: prov.get(key) for key in ("transformers", "python", "created")},
+        "path": str(path),
+    }
+    rows = []
+    for name, v in (result.get("values") or {}).items():
+        estimate = {key: v.get(key) for key in ("value", "lo", "hi", "n", "unit")}
+        rows.append(
+            {
+                **common,
+                "name": name,
+                **estimate,
+                "headline": name in headline,
+                "lower_is_better": name in lower,
+            }
+        )
+    return rows

@@ -1,7 +1,8 @@
 """`saebench leaderboard`: a markdown table and plots generated from result files alone.
 
 One row per checkpoint; one column per headline value of every metric found in the files, and the plots
-each metric declares (`Metric.plots`): a new metric adds columns and plots without a change here.  A
+each metric declares (`Metric.plots`): a new metric adds columns and plots without a change here.
+`results.csv` beside them holds every value of every file as data (`saebench.results.load_results`).  A
 section checks claims of Gao et al. (2024) on the checkpoints present (`saebench.leaderboard.claims`).
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saebench.data.cache import atomic_write_bytes
-from saebench.results import iter_results
+from saebench.results import iter_results, load_results
 from saebench.runner import format_estimate
 
 
@@ -205,6 +206,7 @@ def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Pat
     ]
     if images:
         parts += ["## Plots", ""] + [f"![{i}]({i})" for i in images] + [""]
+    atomic_write_bytes(out / "results.csv", load_results(result_dirs).to_csv(index=False).encode())
     path = out / "README.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path
