@@ -76,6 +76,8 @@ class TrainableSAE(nn.Module):
         self.auxk_alpha = config.effective_auxk_alpha()
         #: large work buffers reused from step to step (a fresh 64 MB tensor costs ~20 ms in page faults)
         self._scratch: dict[str, torch.Tensor] = {}
+        #: last step's W_enc / W_dec gradients, for the sparse backward to compute this step's into
+        self._gradient_pool: list[torch.Tensor] = []
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reused work tensor of `shape` (contents undefined), grown when too small."""
@@ -120,6 +122,15 @@ class TrainableSAE(nn.Module):
             work = self._buffer("decoder_grad", tuple(g.shape), g)
             dots = torch.mul(g, w, out=work).sum(1, keepdim=True)
             g.sub_(torch.mul(dots, w, out=work))
+
+    def recycle_gradients(self) -> None:
+        """Move W_enc.grad and W_dec.grad (set to None) into the pool the next sparse backward computes its
+        weight gradients into; call it after the optimizer step, in place of zeroing them."""
+        self._gradient_pool.clear()
+        for weight in (self.W_enc, self.W_dec):
+            if weight.grad is not None:
+                self._gradient_pool.append(weight.grad)
+                weight.grad = None
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -196,14 +207,16 @@ class TrainableSAE(nn.Module):
     def _encode_selected(self, u, indices, values, pattern=None):
         """Differentiable pre-activations at the selected indices."""
         if self.config.sparse_backward:
-            return selected_preactivations(u, self.b_pre, self.W_enc, self.b_enc, indices, values, pattern)
+            return selected_preactivations(
+                u, self.b_pre, self.W_enc, self.b_enc, indices, values, pattern, self._gradient_pool
+            )
         pre = F.linear(u - self.b_pre, self.W_enc, self.b_enc)
         return pre.gather(1, indices)
 
     def _decode(self, indices, z, pattern=None):
         """W_dec^T z without the bias."""
         if self.config.sparse_backward:
-            return sparse_decode(indices, z, self.W_dec, pattern)
+            return sparse_decode(indices, z, self.W_dec, pattern, self._gradient_pool)
         dense = z.new_zeros(z.shape[0], self.n_latents).scatter(1, indices, z)
         return dense @ self.W_dec
 

@@ -185,6 +185,8 @@ class Trainer:
             )
         self.model.project_decoder_grad()
         self.optimizer.step()
+        if self.config.activation == "topk":
+            self.model.recycle_gradients()  # this step's weight gradients hold the next step's
         self.optimizer.zero_grad(set_to_none=True)
         self.model.normalize_decoder()
         self.tokens_since_fired += n_tokens

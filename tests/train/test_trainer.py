@@ -178,3 +178,40 @@ def test_config_round_trips_and_rejects_bad_values():
         TrainConfig(activation="relu", l1_warmup=1.5)
     with pytest.raises(ValueError, match="encoder_init_scale"):
         TrainConfig(encoder_init_scale=0.0)
+
+
+def _trained(config, data, *, recycle=True, fused=True, monkeypatch=None):
+    import saebench.train.trainer as trainer_module
+
+    if not fused:
+        monkeypatch.setattr(trainer_module, "FUSED_ADAM_DEVICES", ())
+    trainer = Trainer(config, D)
+    if not recycle:
+        trainer.model.recycle_gradients = lambda: None  # gradients freed by zero_grad, fresh ones each step
+    trainer.initialize(torch.cat(data[:4]))
+    with torch.no_grad():
+        trainer.model.W_enc[:24] *= 0.02  # dead after dead_tokens: AuxK runs
+    trainer.fit(data, progress=False)
+    return trainer
+
+
+def test_recycled_gradient_buffers_change_nothing(monkeypatch):
+    data = planted_batches(12, 128, d=D, seed=10)
+    config = tiny(max_tokens=12 * 128, dead_tokens=256, multi_topk=True)
+    recycled = _trained(config, data)
+    fresh = _trained(config, data, recycle=False)
+    assert recycled.history[-1]["auxk_nmse"] > 0
+    assert len(recycled.model._gradient_pool) == 2
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(recycled.model.state_dict()[name], value), name
+
+
+def test_fused_adam_matches_the_for_loop_adam_to_rounding(monkeypatch):
+    data = planted_batches(12, 128, d=D, seed=11)
+    config = tiny(max_tokens=12 * 128, dead_tokens=256, dtype="float64")
+    fused = _trained(config, data)
+    assert fused.optimizer.defaults["fused"]
+    loop = _trained(config, data, fused=False, monkeypatch=monkeypatch)
+    assert not loop.optimizer.defaults["fused"]
+    for name, value in loop.model.state_dict().items():
+        torch.testing.assert_close(fused.model.state_dict()[name], value, rtol=1e-12, atol=1e-14)
