@@ -273,6 +273,8 @@ def test_two_checkpoints_with_one_name_never_overwrite_each_other(
     assert _core_run(second, tmp_path, corpus_file, model_folder) == 2
     message = one_line_error(capsys)
     assert "already holds results of another checkpoint" in message and "pass --label NAME" in message
+    assert _core_run(second, tmp_path, corpus_file, model_folder, "--force") == 2  # --force recomputes, only
+    assert "already holds results of another checkpoint" in one_line_error(capsys)
     assert core.read_bytes() == kept
 
     assert _core_run(second, tmp_path, corpus_file, model_folder, "--label", "topk-n96-k4-b") == 0
