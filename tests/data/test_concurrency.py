@@ -243,8 +243,9 @@ def test_warm_read_takes_no_lock(tmp_path):
 METRICS = ("core", "downstream", "probes")
 
 
-def make_workspace(folder: Path, tiny_llama, n_checkpoints: int = 3) -> Path:
-    """The tiny model as a folder, a corpus, checkpoints sae0.. and a tiny probe task under `folder`."""
+def make_workspace(folder: Path, model, n_checkpoints: int = 3, save_model: bool = True) -> Path:
+    """`model` (a SubjectModel) as a folder, a corpus, checkpoints sae0.. of its width and a tiny probe task
+    under `folder` (the benchmark passes save_model=False for a real model, named by its alias)."""
     import random
 
     import pandas as pd
@@ -252,11 +253,12 @@ def make_workspace(folder: Path, tiny_llama, n_checkpoints: int = 3) -> Path:
     from saebench.sae.formats.native import save_native
     from tests.conftest import random_sae, write_corpus
 
-    tiny_llama.hf_model.save_pretrained(folder / "model")
-    tiny_llama.tokenizer.save_pretrained(folder / "model")
+    if save_model:
+        model.hf_model.save_pretrained(folder / "model")
+        model.tokenizer.save_pretrained(folder / "model")
     write_corpus(folder / "corpus.txt")
     for i in range(n_checkpoints):
-        save_native(random_sae(tiny_llama.d_model, 96, k=4, seed=i), folder / "checkpoints" / f"sae{i}")
+        save_native(random_sae(model.d_model, 96, k=4, seed=i), folder / "checkpoints" / f"sae{i}")
     rng, rows = random.Random(0), []
     for i in range(56):
         letters = "abcdefghijklm" if i % 2 == 0 else "nopqrstuvwxyz"
@@ -318,11 +320,12 @@ def results_of(out: Path, label: str) -> dict:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_llama):
-    """The workspace and the single-process reference: every checkpoint evaluated by one process."""
+    """The workspace and the single-process reference: every checkpoint evaluated by one process (this one:
+    the same code and thread count as a subprocess, without paying the imports again)."""
+    from saebench.cli import main
+
     folder = make_workspace(tmp_path_factory.mktemp("concurrent"), tiny_llama)
-    proc = start(CLI, *run_args(folder, "", folder / "reference", folder / "reference-cache"))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
+    assert main(run_args(folder, "", folder / "reference", folder / "reference-cache")) == 0
     return folder
 
 
