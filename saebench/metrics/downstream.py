@@ -16,6 +16,7 @@ site run once, with one LM head pass (the KL's clean side is cached in compact f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -101,18 +102,24 @@ def reference(context: EvalContext) -> Reference:
     return Reference(**arrays)
 
 
-def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricResult:
+def spliced_ce_kl(
+    context: EvalContext, x_hat: Callable[[int, int], torch.Tensor], n_windows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per window, CE and KL(p_clean || p_spliced) summed over positions 1..ctx-2, with x_hat(start, stop)
+    (raw reconstructions of positions 1.. of windows [start, stop)) spliced in at the scored positions.
+
+    Over the first `n_windows` evaluation windows (all by default), against `reference(context)`.
+    """
     clean, model, layer = reference(context), context.model, context.layer
-    reconstructions = context.reconstructions(sae)
-    n_windows, device = len(context.windows), context.device
+    n_windows, device = len(context.windows) if n_windows is None else n_windows, context.device
     ce_spliced, kl = np.zeros(n_windows), np.zeros(n_windows)
-    batches = list(context.window_batches())
+    batches = [(start, min(stop, n_windows)) for start, stop in context.window_batches() if start < n_windows]
     for start, stop in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
         ids = torch.from_numpy(context.windows[start:stop]).to(device)
         h = torch.from_numpy(np.array(context.resid[start:stop])).to(device, model.dtype)
         keep = torch.from_numpy(context.mask[start:stop]).to(device)
         spliced = h.clone()
-        spliced[:, 1:][keep] = reconstructions.x_hat(start, stop).to(model.dtype)[keep]
+        spliced[:, 1:][keep] = x_hat(start, stop).to(device, model.dtype)[keep]
         with torch.inference_mode():
             final = run_from_site(model, h, layer, replacement=spliced, positions=INNER)
             if clean.unembed_mean is not None:
@@ -124,7 +131,12 @@ def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricR
                 ce_tok, kl_tok = ce_and_kl(model, final, final_clean, ids[:, 2:])
         ce_spliced[start:stop] = ce_tok.double().sum(1).cpu().numpy()
         kl[start:stop] = kl_tok.double().sum(1).cpu().numpy()
+    return ce_spliced, kl
 
+
+def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricResult:
+    clean, n_windows = reference(context), len(context.windows)
+    ce_spliced, kl = spliced_ce_kl(context, context.reconstructions(sae).x_hat)
     ce_clean = clean.ce_clean.sum(1)
     ce_zero = clean.ce_zero.sum(1)
     positions = np.full(n_windows, clean.ce_clean.shape[1], dtype=np.float64)
