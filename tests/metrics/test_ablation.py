@@ -199,3 +199,79 @@ def test_compute_reports_each_value_beside_its_controls(make_context):
 def test_params_are_validated():
     with pytest.raises(ValueError, match="n_control"):
         AblationParams(n_control=0)
+
+
+def test_explain_shows_the_top_positions_and_the_logits_the_ablation_moves(make_context):
+    import argparse
+
+    from saebench.explain import add_parser, explain_latent, format_explanation, latent_activations
+
+    context = make_context()
+    sae = random_sae(context.model.d_model, 128, k=8)
+    x = torch.from_numpy(np.array(context.resid[:, 1:])).reshape(-1, context.model.d_model)
+    with torch.inference_mode():
+        fires = (sae.encode(x) > 0).sum(0)
+    latent, never = int(fires.argmax()), int(torch.nonzero(fires == 0)[0, 0])
+    expl = explain_latent(context, sae, latent, n_examples=3, top_tokens=4, n_future=8)
+    assert len(expl.examples) == 3 and expl.active_positions >= 3
+    a = [e.activation for e in expl.examples]
+    assert a == sorted(a, reverse=True) and a[0] == pytest.approx(
+        float(latent_activations(context, sae, latent).max())
+    )
+    e = expl.examples[0]
+    assert context.mask[e.window, e.t - 1] and e.tokens[-1] == context.windows[e.window, e.t]
+    # the next-token row: lowered most negative first, raised most positive first
+    assert e.lowered[0][1] <= e.lowered[-1][1] < 0 < e.raised[-1][1] <= e.raised[0][1]
+    assert 0 < e.sparsity <= 1
+    text = format_explanation(expl, context.model.tokenizer, label="tiny")
+    assert f"latent {latent} of tiny" in text and text.count("next token") == 3
+    assert "never active" in format_explanation(explain_latent(context, sae, never), context.model.tokenizer)
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["explain", "--checkpoint", "builtin:pca-topk", "--latent", "5", "--examples", "2"]
+    )
+    assert (args.latent, args.examples, args.n_future, args.func.__name__) == (5, 2, 16, "cmd_explain")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["explain", "--checkpoint", "x", "--latent", "-1"])
+
+
+def test_the_leaderboard_claim_compares_latents_with_the_residual_basis():
+    from saebench.leaderboard import Row
+    from saebench.leaderboard.claims import claim_ablation_sparsity
+
+    def est(v, lo, hi):
+        return {"value": v, "lo": lo, "hi": hi}
+
+    rows = [
+        Row(
+            "a",
+            {},
+            {
+                "ablation": {
+                    "ablation_sparsity": est(0.1, 0.09, 0.11),
+                    "ablation_sparsity_residual": est(0.3, 0.28, 0.32),
+                    "ablation_sparsity_random": est(0.29, 0.27, 0.31),
+                }
+            },
+        ),  # fmt: skip
+        Row(
+            "b",
+            {},
+            {
+                "ablation": {
+                    "ablation_sparsity": est(0.3, 0.2, 0.4),
+                    "ablation_sparsity_residual": est(0.3, 0.28, 0.32),
+                }
+            },
+        ),  # fmt: skip
+        Row("c", {}, {"core": {"nmse": est(0.1, 0.1, 0.1)}}),
+    ]
+    text = claim_ablation_sparsity(rows)
+    assert "for 1 of 2 checkpoints" in text
+    assert (
+        "a: latents 0.1000 [0.0900, 0.1100] vs residual channel" in text and "random direction 0.29" in text
+    )
+    assert "b: " in text and "intervals overlap" in text
+    assert claim_ablation_sparsity(rows[2:]).startswith("not measured: ")

@@ -135,3 +135,18 @@ def test_halving_a_topk_encoder_doubles_its_scale(make_context, normalization):
 def test_params_are_validated():
     with pytest.raises(ValueError, match="tol"):
         ShrinkageParams(tol=0)
+
+
+def test_the_leaderboard_claim_reports_the_scale_per_family():
+    from saebench.leaderboard import Row
+    from saebench.leaderboard.claims import claim_shrinkage
+
+    def row(label, arch, scale, lo):
+        values = {"activation_scale": {"value": scale, "lo": lo, "hi": scale + 0.01}}
+        return Row(label, {"architecture": arch}, {"shrinkage": values})
+
+    rows = [row("t1", "topk", 1.001, 0.99), row("t2", "topk", 1.01, 1.005), row("r", "standard", 1.3, 1.2)]
+    text = claim_shrinkage(rows).splitlines()
+    assert text[1] == "  - relu: activation_scale 1.3000 to 1.3000 over 1 checkpoints, interval above 1 for 1"
+    assert text[2] == "  - topk: activation_scale 1.0010 to 1.0100 over 2 checkpoints, interval above 1 for 1"
+    assert claim_shrinkage([Row("x", {}, {})]).startswith("not measured: ")
