@@ -1,4 +1,4 @@
-"""Command line: saebench run | tasks | train | leaderboard."""
+"""Command line: saebench run | tasks | train | leaderboard | explain."""
 
 from __future__ import annotations
 
@@ -382,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="leaderboard", help="output folder (default %(default)s)")
     lb.add_argument("--sort", default=None, metavar="METRIC.VALUE", help="sort rows, e.g. core.nmse")
     lb.set_defaults(func=cmd_leaderboard)
+
+    from saebench.explain import add_parser as add_explain
+
+    add_explain(sub)
     return parser
 
 
