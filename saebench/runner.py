@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saebench.context import EvalConfig, EvalContext
@@ -56,6 +57,36 @@ class RunConfig:
     params: dict[str, dict] = field(default_factory=dict)
     #: the label a single checkpoint's results are filed under (default: its folder or file name)
     label: str | None = None
+    #: where the evaluation windows come from (`SiteConfig.eval_split`); None: decided by `evaluation_split`
+    eval_split: str | None = None
+
+
+def evaluation_split(config: RunConfig) -> str:
+    """`all` (the whole corpus) when the corpus is the user's and nothing is fitted on it, else `eval`.
+
+    A built-in baseline is fitted on the corpus' train split, and the default corpus keeps its split (the
+    committed results and trained baselines rest on it); a user's file or data set that is only evaluated
+    is evaluated whole, one document or many.
+    """
+    from saebench.data.corpus import DEFAULT_CORPUS
+
+    if config.eval_split is not None:
+        return config.eval_split
+    if config.eval.eval_split != "eval":
+        return config.eval.eval_split
+    return "eval" if config.eval.corpus == DEFAULT_CORPUS or is_builtin(config.checkpoint) else "all"
+
+
+def short_corpus_warning(context: EvalContext) -> str | None:
+    """One line when the corpus gives fewer evaluation windows than asked (all of them are then used; a
+    corpus short by less than one window fills its last window with padding and is not worth a line)."""
+    windows, cfg = context.windows, context.config
+    if len(windows) >= cfg.n_windows:
+        return None
+    model = context.model
+    text = int((~np.isin(windows[:, 1:], [model.bos_id, model.eos_id])).sum())
+    scored = int(context.mask.sum())
+    return f"corpus {cfg.corpus} has {text} tokens; scoring {scored} instead of {cfg.n_tokens}"
 
 
 @dataclass
@@ -160,7 +191,16 @@ def discover(checkpoint: str, label: str | None = None) -> list[Checkpoint]:
     checkpoint's folder or file name (or `label`), a folder's checkpoints their paths below it."""
     if is_builtin(checkpoint):
         return [Checkpoint(checkpoint, label or parse_builtin(checkpoint).label)]
+    from saebench.sae.hub import is_remote, remote_checkpoints
     from saebench.sae.load import find_checkpoints
+
+    if is_remote(checkpoint):  # hf:ORG/REPO/SUB, saelens:RELEASE/ID: labelled ORG__REPO__SUB, RELEASE__ID
+        remote = remote_checkpoints(checkpoint)
+        if label is not None and len(remote) > 1:
+            raise ValueError(
+                f"--label names one checkpoint, but {checkpoint} holds {len(remote)}: drop --label"
+            )
+        return [Checkpoint(src, label or lab, file_digest(local)) for src, lab, local in remote]
 
     root = Path(checkpoint)
     # a file is one checkpoint: loading it detects its format (or takes --format) or says why it cannot
@@ -207,6 +247,8 @@ class Runner:
         self._broken: dict[tuple, Exception] = {}
         self._model = model
         self._model_identity = model_identity
+        self.eval_split = evaluation_split(config)
+        self._warned_short: set[str] = set()
 
     def context_for(self, model_name: str, layer: int | None, what_layer: str | None = None) -> EvalContext:
         """The context at (model, layer), its model loaded, layer checked and windows cut; a context that
@@ -215,7 +257,9 @@ class Runner:
         if key in self._broken:
             raise self._broken[key]
         if key not in self.contexts:
-            cfg = dataclasses.replace(self.config.eval, model=model_name, layer=layer)
+            cfg = dataclasses.replace(
+                self.config.eval, model=model_name, layer=layer, eval_split=self.eval_split
+            )
             shared = next(iter(self.contexts.values()), None)
             model = (
                 self._model
@@ -230,6 +274,10 @@ class Runner:
                 self._broken[key] = err
                 raise
             self.contexts[key] = context
+            short = short_corpus_warning(context)
+            if short is not None and short not in self._warned_short:
+                self._warned_short.add(short)
+                warnings.warn(short, stacklevel=2)
         return self.contexts[key]
 
     def load(self, ckpt: Checkpoint) -> tuple[SAE, EvalContext]:
@@ -382,6 +430,7 @@ def _payload(metric, params, result, ckpt, sae, context, key, wall) -> dict:
             **dataclasses.asdict(context.config),
             "layer": context.layer,
             "n_windows": len(context.windows),
+            "n_tokens_scored": int(context.mask.sum()),
         },
         "data_key": context.data_key,
         "counts": result.counts,

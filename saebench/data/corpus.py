@@ -1,12 +1,15 @@
 """The text corpus and the token windows cut from it (core, downstream, n2g, ablation, shrinkage, training).
 
 Documents come shuffled with a fixed seed.  The first `EVAL_FRACTION` of them is the `eval` split, the rest
-`train`, so evaluation text is never trained on whatever window counts anyone asks for.  Within a split the
-documents are put in a seeded order, tokenized, joined with EOS into one stream
+`train`, so evaluation text is never trained on whatever window counts anyone asks for; `all` is the whole
+corpus, for evaluating a user's text that nothing is fitted on (one document is enough).  Within a split
+the documents are put in a seeded order, tokenized, joined with EOS into one stream
 
     doc_a EOS doc_b EOS doc_c EOS ...
 
-and the stream is cut into pieces of ctx - 1 tokens; each window is BOS followed by one piece.
+and the stream is cut into pieces of ctx - 1 tokens (a long document spans many); each window is BOS
+followed by one piece.  Evaluation may ask for more windows than a small corpus has (`allow_fewer`): it
+gets every window there is, the last one completed with a padding token when the stream ends inside it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SAE_PROBES_MIX_STEMS = (
 )
 SHUFFLE_SEED = 0
 EVAL_FRACTION = 0.1
-SPLITS = ("eval", "train")
+SPLITS = ("eval", "train", "all")
 # Bump when the recipe below (dedup, shuffle, split, join) changes, so cached windows are not reused.
 RECIPE_VERSION = 1
 
@@ -75,11 +78,17 @@ def corpus_fingerprint(corpus: str = DEFAULT_CORPUS) -> str:
 
 
 def split_documents(documents: Sequence[str], split: str) -> Sequence[str]:
-    """The `eval` part (the first EVAL_FRACTION of the documents, at least one) or the `train` part."""
+    """The `eval` part (the first EVAL_FRACTION of the documents, at least one), the `train` rest or `all`."""
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    if split == "all":
+        return documents
     if len(documents) < 2:
-        raise CorpusError(f"the corpus has {len(documents)} document(s); it needs 2 or more (eval and train)")
+        raise CorpusError(
+            f"the corpus has {len(documents)} document(s); splitting it by document into eval and train "
+            "(something is fitted on it: a built-in baseline or training) needs 2 or more (a .txt separates "
+            "documents by blank lines)"
+        )
     n_eval = min(len(documents) - 1, max(1, math.ceil(EVAL_FRACTION * len(documents))))
     return documents[:n_eval] if split == "eval" else documents[n_eval:]
 
@@ -95,13 +104,17 @@ def make_windows(
     split: str = "eval",
     seed: int = 0,
     start: int = 0,
+    allow_fewer: bool = False,
+    pad_id: int | None = None,
 ) -> torch.Tensor:
     """Windows `start .. start + n_windows - 1` of a split's token stream: LongTensor (n_windows, ctx).
 
     `tokenizer` is a Hugging Face tokenizer (called as `tokenizer(list_of_texts, add_special_tokens=False)`).
     `seed` orders the split's documents; the same arguments always give the same windows, and `start`
     continues a stream where an earlier call with the same seed stopped.  Only as many documents as the
-    requested windows need are tokenized.
+    requested windows need are tokenized.  A split too small for the windows asked is an error, unless
+    `allow_fewer`: then every window from `start` to the end of the stream comes back, and with `pad_id`
+    the stream's last tokens too, in a final window completed with `pad_id` (a token that is not scored).
     """
     if ctx < 2:
         raise CorpusError(f"ctx={ctx}: a window needs at least 2 tokens (BOS and one of text)")
@@ -112,10 +125,17 @@ def make_windows(
     piece = ctx - 1
     stream = _token_stream(part, order, tokenizer, eos_id, n_tokens=(start + n_windows) * piece)
     available = len(stream) // piece
+    if allow_fewer and pad_id is not None and len(stream) % piece and available < start + n_windows:
+        stream = np.concatenate([stream, np.full(piece - len(stream) % piece, pad_id, dtype=np.int64)])
+        available += 1
+    if allow_fewer and start < available < start + n_windows:
+        n_windows = available - start
     if available < start + n_windows:
+        fix = "a smaller --ctx" if allow_fewer else "fewer windows"
         raise CorpusError(
-            f"the {split} split of the corpus gives {available} windows of {ctx} tokens but windows "
-            f"{start}..{start + n_windows - 1} were asked for: use a bigger corpus or fewer windows"
+            f"the {split} split of the corpus gives {available} windows of {ctx} tokens "
+            f"({len(stream)} tokens) but windows {start}..{start + n_windows - 1} were asked for: "
+            f"use a bigger corpus or {fix}"
         )
     body = torch.from_numpy(stream[start * piece : (start + n_windows) * piece]).view(n_windows, piece)
     bos = torch.full((n_windows, 1), bos_id, dtype=torch.long)

@@ -53,6 +53,9 @@ class SiteConfig:
     seed: int = 0
     #: cache folder (default $SAEBENCH_CACHE or ~/.cache/saebench)
     cache_dir: str | None = None
+    #: where the evaluation windows come from: `eval` (the split held out by document) or `all` (the whole
+    #: corpus, for a user's text that nothing is fitted on; then nothing may train on this site's corpus)
+    eval_split: str = "eval"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -113,6 +116,8 @@ class Site:
             "ctx": c.ctx,
             "seed": c.seed,
             "model_dtype": c.dtype,
+            # only when not the default, so the default's cache keys (and result keys) stay as they were
+            **({"eval_split": c.eval_split} if c.eval_split != "eval" else {}),
         }
 
     @property
@@ -129,8 +134,27 @@ class Site:
 
         return corpus_documents(self.config.corpus)
 
+    def split(self, split: str) -> str:
+        """The corpus split behind `split`: `eval` is the evaluation windows' (`SiteConfig.eval_split`)."""
+        from saebench.data.corpus import CorpusError
+
+        if self.config.eval_split not in ("eval", "all"):
+            raise CorpusError(f"eval_split={self.config.eval_split!r}: use eval or all")
+        if split == "train" and self.config.eval_split == "all":
+            raise CorpusError(
+                f"corpus {self.config.corpus!r} is evaluated whole (eval_split='all'): nothing may be fitted "
+                "on its train split"
+            )
+        return self.config.eval_split if split == "eval" else split
+
     def windows(self, split: str, n_windows: int, start: int = 0) -> np.ndarray:
-        """Token windows (n_windows, ctx) int64 of a corpus split, BOS at position 0, cached."""
+        """Token windows (n_windows, ctx) int64 of a corpus split, BOS at position 0, cached.
+
+        Evaluation windows (`eval`) of a corpus too small for n_windows are all it has, the last one padded
+        with EOS (not scored, like the separators; the same windows whatever `exclude_special`); training
+        windows are never fewer.
+        """
+        split = self.split(split)
         store = self.store(f"windows-{split}", {"n_windows": n_windows, "start": start})
         if start == 0 and not store.has("tokens"):
             bigger = Store.covering(f"windows-{split}", store.key, "n_windows", self.cache_root, "tokens")
@@ -150,6 +174,8 @@ class Site:
                 split=split,
                 seed=self.config.seed,
                 start=start,
+                allow_fewer=split != "train",
+                pad_id=m.eos_id,
             )
             store.save("tokens", tokens.numpy().astype(np.int64))
         return store.load("tokens", mmap=False)
@@ -159,6 +185,7 @@ class Site:
 
         Collected batch by batch into the cache; an interrupted collection resumes where it stopped.
         """
+        split = self.split(split)
         if start == 0:  # the first windows of a stream: a bigger finished collection serves
             key = {**self.key, "n_windows": n_windows, "start": 0}
             bigger = Store.covering(f"resid-{split}", key, "n_windows", self.cache_root, "resid")

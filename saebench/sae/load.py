@@ -3,6 +3,7 @@
     sae = load_sae("runs/topk/layers.8")        # format detected from the files present
     check_width(sae, model_d)                    # before any metric runs
     paths = find_checkpoints("runs/")            # every checkpoint below a folder, naturally sorted
+    sae = load_sae("hf:ORG/REPO/layers.8")       # a hub folder or saelens:RELEASE/SAE_ID (saebench.sae.hub)
 
 Every problem is a `CheckpointError` (a ValueError) whose one-line message names the file and the fix.
 """
@@ -23,7 +24,21 @@ from saebench.sae.sae import SAE
 #: decoder rows whose norm is further than this from 1 trigger the "not unit norm" warning
 UNIT_NORM_TOLERANCE = 1e-2
 
-__all__ = ["CheckpointError", "check_width", "find_checkpoints", "load_sae"]
+__all__ = ["CheckpointError", "check_width", "find_checkpoints", "load_sae", "resolve_checkpoint"]
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """The local file or folder a checkpoint source names: a path as it is; `hf:ORG/REPO[/SUB][@REV]` and
+    `saelens:RELEASE/SAE_ID` downloaded into (or, offline, found in) the Hugging Face cache."""
+    from saebench.sae import hub
+
+    return hub.resolve(source) if _is_remote(source) else Path(source)
+
+
+def _is_remote(source: str | Path) -> bool:
+    from saebench.sae.hub import is_remote
+
+    return is_remote(source)
 
 
 def load_sae(
@@ -32,14 +47,15 @@ def load_sae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SAE:
-    """Read the checkpoint at PATH (a file or a folder) into an SAE on DEVICE in DTYPE.
+    """Read the checkpoint at PATH (a file or a folder, or a hub source: `resolve_checkpoint`) into an SAE.
 
     FORMAT names the format (saelens, sparsify, dictionary_learning, openai, native) and skips detection.
     Conversions (transposes, folded rescalings) are done in float32 before the cast to DTYPE.
     Raises CheckpointError for an unknown format, missing or disagreeing tensors, NaN/inf weights, k > n,
     unsafe pickles and sites the suite cannot hook; warns when decoder rows are not unit norm.
     """
-    path = Path(path)
+    source = path
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     fmt = get_format(format) if format is not None else detect_format(path)
@@ -50,7 +66,7 @@ def load_sae(
         )
     sae = fmt.load(path)
     sae.info.format = fmt.name
-    sae.info.path = str(path)
+    sae.info.path = source if _is_remote(source) else str(path)
     _check_finite(sae, path)
     _warn_decoder_norms(sae, path)
     return sae.to(device=device, dtype=dtype)
@@ -70,9 +86,10 @@ def find_checkpoints(path: str | Path) -> list[Path]:
     """Every checkpoint at or below PATH, naturally sorted (layers.2 before layers.10).
 
     A checkpoint itself gives [PATH]; a folder is searched recursively, without descending into the
-    checkpoints it finds (a SAELens folder's trainer_state.pt is not a checkpoint of its own).
+    checkpoints it finds (a SAELens folder's trainer_state.pt is not a checkpoint of its own).  A hub source
+    gives the local paths in the Hugging Face cache (`resolve_checkpoint`).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if detect_format(path) is not None:

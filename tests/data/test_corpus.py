@@ -17,6 +17,7 @@ from saebench.data.corpus import (
     make_windows,
     split_documents,
 )
+from tests.data.conftest import word_tokenizer
 
 BOS_ID, EOS_ID = 0, 1  # as in conftest.word_tokenizer
 
@@ -159,3 +160,153 @@ def test_default_corpus_is_large_and_does_not_contain_probe_texts():
 def test_default_corpus_order_is_fixed():
     documents = corpus_documents()
     assert np.array_equal([len(d) for d in documents[:50]], [len(d) for d in corpus_documents()[:50]])
+
+
+# --- the whole corpus, small corpora ----------------------------------------------------------------------
+
+
+def test_all_split_is_every_document_and_one_is_enough(documents, tokenizer):
+    assert list(split_documents(documents, "all")) == list(documents)
+    windows = _max_windows(documents, tokenizer, "all")
+    body = windows[:, 1:].reshape(-1)
+    seen = {_doc_of(tokenizer, t) for t in body[body != EOS_ID]}
+    assert len(seen) >= 0.9 * len(documents)  # both former splits; only the last window's tail is cut
+    single = split_documents(documents[:1], "all")
+    assert list(single) == documents[:1]
+    with pytest.raises(
+        CorpusError, match=r"has 1 document\(s\); splitting it by document .* needs 2 or more"
+    ):
+        split_documents(documents[:1], "eval")
+
+
+def test_a_long_single_document_is_cut_into_windows():
+    doc = " ".join(f"d0_{j}" for j in range(40))
+    tok = word_tokenizer(doc.split())
+    windows = _windows([doc], tok, split="all", ctx=8, n_windows=5)  # 35 of its 40 tokens, no separator
+    assert windows.shape == (5, 8) and (windows[:, 0] == BOS_ID).all()
+    assert tok.convert_ids_to_tokens(windows[:, 1:].reshape(-1).tolist()) == doc.split()[:35]
+
+
+def test_fewer_windows_than_asked_are_all_of_them_padded(documents, tokenizer):
+    few = documents[:3]
+    stream = []
+    for k in np.random.default_rng(0).permutation(3):
+        stream += tokenizer(few[k], add_special_tokens=False)["input_ids"] + [EOS_ID]
+    with pytest.raises(CorpusError, match="fewer windows"):
+        _windows(few, tokenizer, split="all", n_windows=100)
+    got = _windows(few, tokenizer, split="all", n_windows=100, allow_fewer=True, pad_id=EOS_ID)
+    n = -(-len(stream) // 7)
+    assert got.shape == (n, 8)
+    body = got[:, 1:].reshape(-1).tolist()
+    assert body[: len(stream)] == stream and set(body[len(stream) :]) <= {EOS_ID}  # every token, once
+    unpadded = _windows(few, tokenizer, split="all", n_windows=100, allow_fewer=True)
+    assert torch.equal(unpadded, got[: len(stream) // 7])
+    # the first windows are those a smaller request gives
+    assert torch.equal(_windows(few, tokenizer, split="all", n_windows=2), got[:2])
+    with pytest.raises(CorpusError, match="smaller --ctx"):
+        _windows(few, tokenizer, split="all", ctx=200, n_windows=3, allow_fewer=True)
+
+
+def _site(tmp_path, tiny_llama, corpus, **config):
+    from saebench.data.site import Site, SiteConfig
+
+    cfg = SiteConfig(model="tiny", layer=1, corpus=str(corpus), ctx=16, cache_dir=str(tmp_path / "cache"))
+    return Site(SiteConfig(**{**cfg.__dict__, **config}), tiny_llama, model_identity="tiny")
+
+
+def test_site_key_names_the_split_only_when_whole(tmp_path, tiny_llama, corpus_file):
+    default, whole = (
+        _site(tmp_path, tiny_llama, corpus_file),
+        _site(tmp_path, tiny_llama, corpus_file, eval_split="all"),
+    )
+    assert set(default.key) == {"model", "layer", "corpus", "ctx", "seed", "model_dtype"}
+    assert whole.key == {**default.key, "eval_split": "all"}
+    eval_windows, all_windows = default.windows("eval", 40), whole.windows("eval", 40)
+    assert not np.array_equal(eval_windows, all_windows)
+    assert np.array_equal(all_windows, whole.windows("all", 40))
+    with pytest.raises(CorpusError, match="evaluated whole"):
+        whole.windows("train", 4)
+    with pytest.raises(CorpusError, match="evaluated whole"):
+        whole.train_sample(10)
+
+
+def test_site_gives_a_small_corpus_whole_and_caches_it(tmp_path, tiny_llama):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a single short note of exactly this many bytes, one token each.\n")
+    n_text = len(notes.read_text().strip().encode())
+    site = _site(tmp_path, tiny_llama, notes, eval_split="all")
+    windows = site.windows("eval", 50)
+    assert windows.shape == (-(-(n_text + 1) // 15), 16)
+    assert int(site.scored(windows).sum()) == n_text
+    resid = site.resid("eval", 50)
+    assert resid.shape[:2] == windows.shape
+    assert np.array_equal(site.windows("eval", 50), windows) and np.array_equal(
+        site.windows("eval", 3), windows[:3]
+    )
+    assert np.array_equal(site.resid("eval", 20), resid)
+
+
+def _native_checkpoint(tmp_path, d):
+    from saebench.sae.formats.native import save_native
+    from tests.conftest import random_sae
+
+    return save_native(random_sae(d, 32, k=4), tmp_path / "ckpt" / "sae")
+
+
+def _runner(tmp_path, model, corpus, checkpoint, **eval_overrides):
+    from saebench.runner import RunConfig, Runner
+    from tests.conftest import tiny_eval_config
+
+    cfg = RunConfig(
+        checkpoint=str(checkpoint),
+        metrics=["core", "downstream"],
+        eval=tiny_eval_config(tmp_path, corpus, **{"n_tokens": 8 * 15, "batch_size": 4, **eval_overrides}),
+        out=str(tmp_path / "results"),
+    )
+    return Runner(cfg, model=model)
+
+
+def test_run_scores_a_one_document_corpus_whole_and_says_so_once(tmp_path, tiny_llama):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("The only document: a note that is shorter than the evaluation tokens asked for.")
+    n_text = len(notes.read_text().encode())
+    runner = _runner(tmp_path, tiny_llama, notes, _native_checkpoint(tmp_path, tiny_llama.d_model))
+    assert runner.eval_split == "all"
+    with pytest.warns(UserWarning) as caught:
+        results = runner.run()
+    lines = [str(w.message) for w in caught if "scoring" in str(w.message)]
+    assert lines == [f"corpus {notes} has {n_text} tokens; scoring {n_text} instead of {8 * 15}"]
+    for result in results:
+        assert result["eval"]["eval_split"] == "all" and result["data_key"]["eval_split"] == "all"
+        assert result["eval"]["n_tokens_scored"] == n_text
+    core = next(r for r in results if r["metric"] == "core")
+    assert core["values"]["nmse"]["n"] == -(-(n_text + 1) // 15)  # every window there is
+    down = next(r for r in results if r["metric"] == "downstream")
+    assert down["counts"]["spliced"] == n_text
+
+
+def test_run_keeps_the_split_where_something_is_fitted_or_on_the_default_corpus(tmp_path, tiny_llama):
+    from saebench.context import EvalConfig
+    from saebench.runner import RunConfig, evaluation_split
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("one document only")
+    builtin = _runner(tmp_path, tiny_llama, notes, "builtin:pca-topk:k=4,fit_tokens=100")
+    assert builtin.eval_split == "eval"
+    with pytest.raises(CorpusError, match="needs 2 or more"):
+        builtin.run()
+    assert evaluation_split(RunConfig(checkpoint="ckpt", metrics=["core"], eval=EvalConfig())) == "eval"
+    user = RunConfig(checkpoint="ckpt", metrics=["core"], eval=EvalConfig(corpus="notes.txt"))
+    assert evaluation_split(user) == "all"
+    user.eval_split = "eval"
+    assert evaluation_split(user) == "eval"
+
+
+def test_run_on_a_big_enough_user_corpus_scores_what_was_asked_silently(tmp_path, tiny_llama, corpus_file):
+    import warnings
+
+    runner = _runner(tmp_path, tiny_llama, corpus_file, _native_checkpoint(tmp_path, tiny_llama.d_model))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*scoring")
+        results = runner.run()
+    assert all(r["eval"]["n_windows"] == 8 and r["eval"]["eval_split"] == "all" for r in results)

@@ -60,6 +60,14 @@ def test_txt_documents_are_separated_by_blank_lines(tmp_path):
     assert read_table(str(tmp_path / "c.txt"))["text"].tolist() == ["first doc\nline two", "second doc"]
 
 
+def test_txt_without_blank_lines_is_one_document_and_crlf_files_split_alike(tmp_path):
+    long = "\n".join(f"line {k} of a long note" for k in range(500))
+    (tmp_path / "one.txt").write_text(long + "\n")
+    assert read_table(str(tmp_path / "one.txt"))["text"].tolist() == [long]
+    (tmp_path / "crlf.txt").write_bytes(b"first doc\r\nline two\r\n\r\nsecond doc\r\n")
+    assert read_table(str(tmp_path / "crlf.txt"))["text"].tolist() == ["first doc\nline two", "second doc"]
+
+
 def test_relative_paths_resolve_under_base_dir(tmp_path):
     (tmp_path / "sub").mkdir()
     pd.DataFrame({"text": ["x"]}).to_csv(tmp_path / "sub" / "d.csv", index=False)
