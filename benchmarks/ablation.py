@@ -15,7 +15,8 @@ default parameters (64 positions x up to 32 latents, 8 + 8 controls per position
 Timings on a shared 2-core machine vary 2-4x between runs: the figures are medians of `--repeats` runs, and
 the comparisons are ratios measured side by side.
 
-    python benchmarks/ablation.py [--checkpoint builtin:random-topk:n=16384,k=32] [--repeats 3] [--positions 64]
+    python benchmarks/ablation.py [--checkpoint builtin:random-topk:n=16384,k=32] [--repeats 3]
+                                  [--positions 64] [--naive-positions 2]
 """
 
 from __future__ import annotations
