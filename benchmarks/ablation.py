@@ -31,7 +31,8 @@ import torch
 from saebench.context import EvalConfig
 from saebench.metrics import ablation
 from saebench.model.batched import UpperCache, median_centred_norms
-from saebench.runner import Checkpoint, RunConfig, Runner, format_estimate
+from saebench.runner import Checkpoint, RunConfig, Runner
+from saebench.summary import format_estimate
 
 NAIVE_BATCH = 8  # windows per naive forward: full logits for 8 x 64 positions are ~100 MB
 

@@ -24,7 +24,8 @@ import torch
 from saebench.context import EvalConfig
 from saebench.metrics.n2g import N2GParams
 from saebench.metrics.n2g import compute as n2g
-from saebench.runner import Checkpoint, RunConfig, Runner, format_estimate
+from saebench.runner import Checkpoint, RunConfig, Runner
+from saebench.summary import format_estimate
 
 
 def main() -> None:

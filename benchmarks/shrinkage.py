@@ -24,7 +24,8 @@ import torch
 from saebench.context import EvalConfig
 from saebench.metrics import shrinkage
 from saebench.metrics.downstream import reference
-from saebench.runner import Checkpoint, RunConfig, Runner, format_estimate
+from saebench.runner import Checkpoint, RunConfig, Runner
+from saebench.summary import format_estimate
 
 
 def main() -> None:

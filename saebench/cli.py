@@ -154,7 +154,8 @@ def _parse_params(items: list[str]) -> dict[str, dict]:
 
 
 def cmd_run(args) -> int:
-    from saebench.runner import RunConfig, Runner, check_label, parse_metrics, summary_table
+    from saebench.runner import RunConfig, Runner, check_label, parse_metrics
+    from saebench.summary import summary_table
 
     site = _site_config(args)
     if args.format is not None:

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from saebench.runner import RunConfig, Runner, summary_table
+from saebench.runner import RunConfig, Runner
+from saebench.summary import summary_table
 from tests.conftest import tiny_eval_config
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from saebench.data.cache import atomic_write_bytes
 from saebench.results import iter_results, load_results
-from saebench.runner import format_estimate
+from saebench.summary import format_estimate
 
 
 @dataclass
