@@ -51,9 +51,11 @@ def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):
     assert task["prior_test_ce"] == pytest.approx(0.6931, abs=1e-3)  # balanced split
     assert probes["values"]["probe_loss"]["value"] < task["prior_test_ce"]
     ablation = json.loads((out / label / "ablation.json").read_text())["values"]
-    assert 0 < ablation["ablation_sparsity"]["value"] <= 1 and 0 < ablation["ablation_sparsity_random"]["value"] <= 1
+    for name in ("ablation_sparsity", "ablation_sparsity_random", "ablation_sparsity_residual"):
+        assert 0 < ablation[name]["value"] <= 1
     shrinkage = json.loads((out / label / "shrinkage.json").read_text())["values"]
-    assert shrinkage["activation_scale"]["value"] > 0 and shrinkage["nmse_refined"]["value"] <= core["nmse"]["value"] + 0.05
+    # refining the codes on their supports lowers the reconstruction error, it never raises it
+    assert shrinkage["activation_scale"]["value"] > 0 and shrinkage["nmse_gain"]["value"] > -1e-3
     # a second run reuses every result file
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     assert main(args) == 0
