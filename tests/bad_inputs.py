@@ -50,6 +50,7 @@ TINY = [
     "{cache}",
 ]
 RUN = ["run", "--checkpoint", "{ckpt}", *TINY, "--out", "{out}"]
+EXPLAIN = ["explain", "--checkpoint", "{ckpt}", *TINY, "--n-future", "4"]
 TRAIN = ["train", "--preset", "topk-n2048-k16", "--model", "{model}", "--layer", "1", "--corpus", "{corpus}"]
 TRAIN += ["--ctx", "16", "--n-tokens", "600", "--cache-dir", "{cache}", "--out", "{out}"]
 
@@ -127,6 +128,13 @@ CASES: list[tuple[list[str], str]] = [
     ([*TRAIN, "--layer", "9"], "--layer 9: the model has blocks 0..3"),
     ([*TRAIN, "--out", "{file}"], "--out {file} is a file; give a folder"),
     ([*TRAIN, "--model", "{missing}"], "does not exist; give an alias"),
+    (["explain", "--checkpoint", "{ckpt}"], "the following arguments are required: --latent"),
+    ([*EXPLAIN, "--latent", "-1"], "argument --latent: expected a latent index >= 0, got '-1'"),
+    ([*EXPLAIN, "--latent", "many"], "argument --latent"),
+    ([*EXPLAIN, "--latent", "100000"], "latent 100000"),
+    ([*EXPLAIN, "--latent", "1", "--examples", "0"], "argument --examples: expected an integer >= 1"),
+    ([*EXPLAIN, "--latent", "1", "--device", "bogus"], "--device bogus: not a torch device"),
+    (["explain", "--checkpoint", "{missing}", "--latent", "1"], "missing: no such file or folder"),
     (["tasks"], "the following arguments are required: tasks_command"),
     (["tasks", "list", "--select", "nope"], "no task or tag named 'nope'"),
     (["tasks", "list", "--select", ""], "empty task selection"),
