@@ -113,7 +113,7 @@ def _site_config(args) -> SiteConfig:
     """The site settings shared by `run` (its evaluation set adds --n-tokens) and `train`, checked before any
     model loads (the layer is checked against the model once it is loaded)."""
     check_device(args.device)
-    _check_folder("--out", args.out)
+    _check_folder("--out", getattr(args, "out", None))
     _check_folder("--cache-dir", args.cache_dir)
     return SiteConfig(
         model=args.model or SiteConfig.model,

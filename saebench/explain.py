@@ -14,6 +14,7 @@ over the T positions; then, over all the positions shown, the mean next-token ef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -224,26 +225,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_explain(args) -> int:
-    from saebench.cli import check_device
+    from saebench.cli import _site_config
     from saebench.context import EvalConfig
     from saebench.runner import RunConfig, Runner, discover
 
-    check_device(args.device)
+    config = EvalConfig(**dataclasses.asdict(_site_config(args)), n_tokens=args.n_tokens)
     found = discover(args.checkpoint)
     if len(found) != 1:
         raise ValueError(f"--checkpoint {args.checkpoint}: explain takes one checkpoint, found {len(found)}")
-    config = EvalConfig(
-        model=args.model or EvalConfig.model,
-        layer=args.layer,
-        corpus=args.corpus,
-        n_tokens=args.n_tokens,
-        ctx=args.ctx,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-    )
     runner = Runner(
         RunConfig(
             checkpoint=args.checkpoint,
