@@ -222,7 +222,11 @@ def _train_overrides(items: list[str]) -> dict:
     from saebench.params import parse_assignments
     from saebench.train.config import TrainConfig
 
-    return parse_assignments(TrainConfig, items, flag="--set", usage="FIELD=VALUE, e.g. batch_size=1024")
+    values = parse_assignments(TrainConfig, items, flag="--set", usage="FIELD=VALUE, e.g. batch_size=1024")
+    for name, instead in (("device", "--device"), ("max_tokens", "--n-tokens")):
+        if name in values:  # the command sets these itself; an override would be checked late or ignored
+            raise ValueError(f"bad --set {name}={values[name]}: use {instead} instead")
+    return values
 
 
 def cmd_train(args) -> int:
@@ -230,7 +234,7 @@ def cmd_train(args) -> int:
 
     from saebench.data.site import Site
     from saebench.runner import check_layer
-    from saebench.train.presets import PRESETS, SWEEPS
+    from saebench.train.presets import LR_SWEEP, PRESETS, SWEEPS
     from saebench.train.runs import train_runs
 
     if (args.preset is None) == (args.sweep is None):
@@ -245,11 +249,24 @@ def cmd_train(args) -> int:
     site_cfg = _site_config(args)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
+    lr_sweep = args.sweep == LR_SWEEP
+    if lr_sweep and {"lr", "n_latents", "k"} & set(overrides):
+        raise ValueError(f"--sweep {LR_SWEEP} sets lr, n_latents and k itself; drop those --set items")
+    if args.install_trend is not None and not lr_sweep:
+        raise ValueError(f"--install-trend installs the fit of --sweep {LR_SWEEP}")
     configs = {n: dataclasses.replace(PRESETS[n], **overrides) for n in names}
     site = Site(site_cfg)
     check_layer(site)
     done = train_runs(site, configs, Path(args.out), args.n_tokens)
     print("\n".join(str(p) for p in done))
+    if lr_sweep:
+        from saebench.train.lr_sweep import finish_lr_sweep, install_trend
+
+        fit = finish_lr_sweep(
+            site, done, Path(args.out), sweep=args.sweep, n_tokens=args.n_tokens, eval_tokens=args.eval_tokens
+        )
+        if args.install_trend is not None:
+            print(f"lr trend: {install_trend(fit, Path(args.install_trend))}")
     return 0
 
 
@@ -287,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     from saebench.metrics.registry import get_metric, metric_names
     from saebench.params import describe_fields
     from saebench.train.config import TrainConfig
+    from saebench.train.lr_trend import TREND_FILE
 
     parser = _Parser(prog="saebench", description="Evaluate sparse autoencoders.")
     parser.add_argument("--version", action="version", version=f"saebench {__version__}")
@@ -365,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FIELD=VALUE",
         help="override a TrainConfig field for every run, e.g. batch_size=1024 (repeatable; fields below)",
+    )
+    train.add_argument(
+        "--eval-tokens",
+        type=_integer(1),
+        default=EvalConfig.n_tokens,
+        help="--sweep lr: held-out tokens each run is scored on (default %(default)s)",
+    )
+    train.add_argument(
+        "--install-trend",
+        nargs="?",
+        const=str(TREND_FILE),
+        default=None,
+        metavar="PATH",
+        help=f"--sweep lr: write the fitted trend where presets read it (default {TREND_FILE.name} in the "
+        "package), so runs without an explicit lr use it",
     )
     _add_eval_args(train, n_tokens=False)
     train.set_defaults(func=cmd_train)

@@ -131,6 +131,14 @@ def test_bad_set_is_one_line_error(capsys):
         assert message in one_line_error(capsys)
 
 
+def test_lr_sweep_refuses_overrides_of_what_it_sweeps(tmp_path, capsys):
+    for item in ("lr=1e-3", "n_latents=64", "k=8"):
+        argv = ["train", "--sweep", "lr", "--set", item, "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert "--sweep lr sets lr, n_latents and k itself" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_help_lists_every_parameter_with_type_default_and_doc(capsys):
     import dataclasses
 
@@ -166,6 +174,7 @@ def test_train_set_overrides_reach_the_checkpoint_provenance(tmp_path, corpus_fi
     assert config["tied_init"] is False and config["k_aux"] is None and config["lr"] == 1e-3
     assert (config["n_latents"], config["k"], config["batch_size"], config["log_every"]) == (64, 4, 64, 5)
     assert config["device"] == "cpu" and config["auxk_alpha"] is None
+    assert (cfg["training"]["lr"], cfg["training"]["lr_source"]) == (1e-3, "set")
 
 
 @pytest.fixture(scope="module")

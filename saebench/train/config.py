@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
+
+from .lr_trend import LrChoice, choose_lr
 
 TRAIN_ACTIVATIONS = ("topk", "relu")
 TRAIN_NORMALIZATIONS = ("none", "layer_norm", "token_norm")
@@ -55,7 +56,9 @@ class TrainConfig:
     (`l1_search.py`); the trainer itself ignores it."""
 
     lr: float | None = None
-    """Adam learning rate, constant; None means 2e-4 / sqrt(n_latents / 2**14) (the paper's 1/sqrt(n) law)."""
+    """Adam learning rate, constant; None means the fitted trend a * n_latents^b where one applies (same
+    activation and batch size, budget within 2x; `lr_trend.py`), else 2e-4 / sqrt(n_latents / 2**14) (the
+    paper's 1/sqrt(n) law); the checkpoint records the lr used and what chose it."""
 
     adam_beta1: float = 0.9
     """Adam's beta1."""
@@ -146,8 +149,12 @@ class TrainConfig:
         if self.log_every < 1:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
 
+    def lr_choice(self) -> LrChoice:
+        """The lr this config trains at and what chose it ("set", "trend ...", "paper rule ...")."""
+        return choose_lr(self)
+
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.n_latents / 2**14)
+        return self.lr_choice().lr
 
     def effective_auxk_alpha(self) -> float:
         if self.auxk_alpha is not None:

@@ -10,6 +10,15 @@ The fixed-lr sweep repeats the TopK grid with every n at the lr the paper's law 
 (2e-4 sqrt(8)): at short budgets the 1/sqrt(n) law leaves large dictionaries undertrained, and this
 sweep shows how much of the nmse-vs-n trend that accounts for.
 
+The lr sweep (Gao et al. sweep the lr at small scale and extrapolate the trend): TopK at k=32 for every
+n in SWEEP_N, each at LR_FACTORS times the paper's lr for that n, 2x to 16x in steps of 2^0.75 (5 points,
+8x wide).  The grid sits above the paper's rule on purpose: at ~500k tokens and batch 1024, n=4096 did
+best near 2e-3 (5x the rule; 1x and 1.4x the rule were 45% and 35% worse in delta_ce, 20x was worse
+again, with 60% of latents dead), so a grid centred on the rule would put the best lr at its top edge.
+Centred at 5.7x it brackets that optimum at n=4096, and it still brackets the optimum at the other n if
+the best lr falls anywhere between 1/sqrt(n) (the paper's slope) and flat in n.  `lr_sweep.py` scores
+the runs and fits the trend; `--install-trend` makes it the default lr (`lr_trend.py`).
+
 Every preset leaves the run length (max_tokens), device and dtype to the caller:
 `dataclasses.replace(PRESETS[name], max_tokens=..., device=...)`.
 """
@@ -19,6 +28,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .config import TrainConfig
+from .lr_trend import paper_lr
 
 SWEEP_N = (2048, 4096, 8192, 16384)
 SWEEP_K = (16, 32, 64)
@@ -39,7 +49,7 @@ def _baseline() -> dict[str, TrainConfig]:
 
 
 #: the lr of the fixed-lr sweep: the paper's law at the smallest n
-FIXED_LR = 2e-4 / (min(SWEEP_N) / 2**14) ** 0.5
+FIXED_LR = paper_lr(min(SWEEP_N))
 
 
 def _fixed_lr() -> dict[str, TrainConfig]:
@@ -50,10 +60,30 @@ def _fixed_lr() -> dict[str, TrainConfig]:
     }
 
 
+#: the lr sweep's k and its grid, as multiples of the paper's lr at each n (2x ... 16x, log-spaced)
+LR_SWEEP_K = 32
+LR_FACTORS = tuple(2 ** (1 + 0.75 * i) for i in range(5))
+#: the name of the lr sweep (scored and fitted after training, see lr_sweep.py)
+LR_SWEEP = "lr"
+
+
+def _lr_sweep() -> dict[str, TrainConfig]:
+    presets = {}
+    for n in SWEEP_N:
+        for factor in LR_FACTORS:
+            lr = float(f"{factor * paper_lr(n):.3g}")
+            presets[f"topk-n{n}-k{LR_SWEEP_K}-lr{lr:.3g}"] = TrainConfig(n_latents=n, k=LR_SWEEP_K, lr=lr)
+    return presets
+
+
 #: every preset by name
-PRESETS: dict[str, TrainConfig] = {**_baseline(), **_fixed_lr()}
+PRESETS: dict[str, TrainConfig] = {**_baseline(), **_fixed_lr(), **_lr_sweep()}
 #: sweep name -> preset names, in training order
-SWEEPS: dict[str, tuple[str, ...]] = {"baseline": tuple(_baseline()), "fixed-lr": tuple(_fixed_lr())}
+SWEEPS: dict[str, tuple[str, ...]] = {
+    "baseline": tuple(_baseline()),
+    "fixed-lr": tuple(_fixed_lr()),
+    LR_SWEEP: tuple(_lr_sweep()),
+}
 
 
 def sweep(name: str, **overrides) -> dict[str, TrainConfig]:

@@ -11,13 +11,15 @@ One step on a batch x of `batch_size` tokens:
 
 The first `geometric_median_tokens` tokens fix b_pre (their geometric median) before training on them.
 Checkpoints go to `out_dir`: the SAE in the native format in out_dir/sae (`save_native`, with the
-provenance; load it with `load_sae`) and the training state beside it, out_dir/training_state.pt
-(`state.py`); `Trainer.resume(out_dir)` carries on from the last one.
+provenance; load it with `load_sae`), the training state beside it, out_dir/training_state.pt
+(`state.py`), and the log lines so far (nmse, L0, dead fraction per `log_every` steps) in
+out_dir/history.jsonl; `Trainer.resume(out_dir)` carries on from the last one.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Iterable
@@ -29,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..data.cache import atomic_write_bytes
 from ..sae.sae import SAE, Normalization, SAEInfo
 from .autoencoder import TrainableSAE
 from .batches import rebatch
@@ -38,6 +41,9 @@ from .state import read_state, write_state
 
 #: the SAE's folder inside a run's out_dir
 SAE_FOLDER = "sae"
+#: the log lines so far (step, tokens, loss, nmse, l0, auxk_nmse, dead_frac, ...), one JSON object per line,
+#: beside the SAE folder; rewritten at every checkpoint
+HISTORY_FILE = "history.jsonl"
 
 #: devices with a fused Adam kernel
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
@@ -72,11 +78,13 @@ class Trainer:
         self.dtype = getattr(torch, config.dtype)
         self.normalization = Normalization(kind=config.input_normalization)
         self.model = TrainableSAE(config, d_in)
+        #: the lr trained at and what chose it, fixed for the run (a resumed run keeps its own, see `resume`)
+        self.lr, self.lr_source = config.lr_choice()
         # fused: one pass over each parameter and its two moments (the for-loop Adam makes seven, with two
         # fresh (n, d) temporaries); the same update up to float rounding (~1 ulp)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(),
-            lr=config.effective_lr(),
+            lr=self.lr,
             betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_eps,
             fused=self.device.type in FUSED_ADAM_DEVICES,
@@ -233,7 +241,8 @@ class Trainer:
             "saebench_version": __version__,
             "torch_version": torch.__version__,
             "config": self.config.to_dict(),
-            "lr": self.config.effective_lr(),
+            "lr": self.lr,
+            "lr_source": self.lr_source,
             "k_aux": self.model.k_aux,
             "auxk_alpha": self.model.auxk_alpha,
             "dead_tokens": self.dead_tokens,
@@ -259,6 +268,8 @@ class Trainer:
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to save checkpoints to")
         write_state(self.out_dir, self._state())
+        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        atomic_write_bytes(self.out_dir / HISTORY_FILE, lines.encode())
         return save_native(self.to_sae(), self.sae_dir, training=self.provenance())
 
     def _state(self) -> dict:
@@ -276,6 +287,8 @@ class Trainer:
             "initialized": self.initialized,
             "wall_time_s": self.wall_time_s,
             "history": self.history,
+            "lr": self.lr,
+            "lr_source": self.lr_source,
         }
 
     @classmethod
@@ -296,4 +309,8 @@ class Trainer:
         trainer.initialized = state["initialized"]
         trainer.wall_time_s = state["wall_time_s"]
         trainer.history = state["history"]
+        if "lr" in state:  # the lr the run started at, even if the trend in force has changed since
+            trainer.lr, trainer.lr_source = state["lr"], state["lr_source"]
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = trainer.lr
         return trainer

@@ -30,3 +30,10 @@ def planted_batches(
 @pytest.fixture
 def planted():
     return planted_batches
+
+
+@pytest.fixture(autouse=True)
+def no_installed_lr_trend(monkeypatch):
+    """Training tests see the paper's lr rule unless they build a trend themselves (an installed
+    saebench/train/lr_trend.json would otherwise change the lr of every run without an explicit lr)."""
+    monkeypatch.setenv("SAEBENCH_LR_TREND", "none")

@@ -7,6 +7,7 @@ from saebench.sae.load import load_sae
 from saebench.train import TrainConfig, Trainer
 from saebench.train.batches import rebatch
 from saebench.train.state import STATE_FILE
+from saebench.train.trainer import HISTORY_FILE
 
 from .conftest import planted_batches
 
@@ -111,6 +112,11 @@ def test_checkpoint_loads_and_reproduces_the_trainer(tmp_path):
     training = cfg["training"]
     assert training["tokens_seen"] == 10 * 128 and training["seed"] == 7 and training["complete"]
     assert training["config"]["n_latents"] == 96 and training["lr"] == 3e-3
+    assert training["lr_source"] == "set"
+    # the log so far, one line per log step, beside the checkpoint: the dead fraction over training
+    lines = (tmp_path / HISTORY_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == trainer.history and len(lines) == 1
+    assert {"step", "tokens", "nmse", "l0", "auxk_nmse", "dead_frac"} <= set(trainer.history[0])
     assert cfg["normalization"]["kind"] == "layer_norm" and cfg["k"] == 4
 
 
