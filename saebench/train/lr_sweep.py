@@ -38,43 +38,56 @@ FIT_FILE = "lr-fit.json"
 SCORES_FOLDER = "scores"
 
 
-def score_runs(site: Site, checkpoints: list[Path], eval_tokens: int, *, force: bool = False) -> list[dict]:
-    """{name, n_latents, k, lr, lr_source, batch_size, max_tokens, <metric.value>...} per checkpoint,
-    each scored by the runner on `eval_tokens` tokens of the evaluation split (results kept beside it)."""
+def score_checkpoint(
+    site: Site, checkpoint: Path, out: Path, label: str, eval_tokens: int, *, force: bool = False
+) -> dict[str, dict]:
+    """{metric: result} of core and downstream for one checkpoint, computed by the runner (`saebench run`)
+    on `eval_tokens` tokens of the site's evaluation split (held out from training whatever the corpus),
+    filed under out/label and reused when they are there."""
     import dataclasses
 
     from saebench.context import EvalConfig
     from saebench.runner import RunConfig, Runner
 
-    eval_config = EvalConfig(**dataclasses.asdict(site.config), n_tokens=eval_tokens)
+    config = RunConfig(
+        checkpoint=str(checkpoint),
+        metrics=sorted({metric for metric, _ in SCORES}),
+        eval=EvalConfig(**{**dataclasses.asdict(site.config), "layer": site.layer}, n_tokens=eval_tokens),
+        out=str(out),
+        label=label,
+        force=force,
+        model_given=True,
+        eval_split="eval",
+    )
+    runner = Runner(config, model=site.model, model_identity=site.model_key)
+    return {result["metric"]: result for result in runner.run()}
+
+
+def score_values(results: dict[str, dict]) -> dict[str, float]:
+    """{"metric.value": value} of SCORES from `score_checkpoint`'s results."""
+    return {f"{metric}.{value}": results[metric]["values"][value]["value"] for metric, value in SCORES}
+
+
+def score_runs(site: Site, checkpoints: list[Path], eval_tokens: int, *, force: bool = False) -> list[dict]:
+    """{name, n_latents, k, lr, lr_source, batch_size, max_tokens, <metric.value>...} per checkpoint of
+    `train_runs`, each scored by `score_checkpoint` into <run>/scores/."""
     rows = []
     for checkpoint in checkpoints:
         run_dir = Path(checkpoint).parent
-        config = RunConfig(
-            checkpoint=str(checkpoint),
-            metrics=sorted({metric for metric, _ in SCORES}),
-            eval=dataclasses.replace(eval_config, layer=site.layer),
-            out=str(run_dir),
-            label=SCORES_FOLDER,
-            force=force,
-            model_given=True,
-            eval_split="eval",  # held out from training whatever the corpus
-        )
-        runner = Runner(config, model=site.model, model_identity=site.model_key)
-        results = {r["metric"]: r for r in runner.run()}
+        results = score_checkpoint(site, checkpoint, run_dir, SCORES_FOLDER, eval_tokens, force=force)
         training = results[CRITERION[0]]["checkpoint"]["training"]
-        row = {
-            "name": run_dir.name,
-            "n_latents": training["config"]["n_latents"],
-            "k": training["config"]["k"],
-            "lr": training["lr"],
-            "lr_source": training.get("lr_source"),
-            "batch_size": training["config"]["batch_size"],
-            "max_tokens": training["config"]["max_tokens"],
-        }
-        for metric, value in SCORES:
-            row[f"{metric}.{value}"] = results[metric]["values"][value]["value"]
-        rows.append(row)
+        rows.append(
+            {
+                "name": run_dir.name,
+                "n_latents": training["config"]["n_latents"],
+                "k": training["config"]["k"],
+                "lr": training["lr"],
+                "lr_source": training.get("lr_source"),
+                "batch_size": training["config"]["batch_size"],
+                "max_tokens": training["config"]["max_tokens"],
+                **score_values(results),
+            }
+        )
     return rows
 
 
