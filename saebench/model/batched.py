@@ -106,15 +106,18 @@ def batch_tokens(model, memory_bytes: int = DEFAULT_MEMORY_BYTES, seq_len: int =
     return max(seq_len, memory_bytes // bytes_per_token(model, seq_len))
 
 
-def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+def token_batches(lengths: Sequence[int], budget: int, max_padding: float | None = None) -> list[list[int]]:
     """Split sequences, given in order of non-decreasing length, into batches of <= `budget` padded tokens.
 
     Returns index lists into `lengths`; a batch pads to its last (longest) member, and a sequence longer
-    than the budget runs alone.
+    than the budget runs alone.  With `max_padding` f, a batch also ends before a member longer than
+    (1 + f) times its first member's length plus one token, so that padding stays near f of the tokens
+    (ragged lengths: many small batches of nearly equal lengths instead of a few padded ones).
     """
     batches, current = [], []
     for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * int(n) > budget:
+        too_long = max_padding is not None and current and n > (1 + max_padding) * lengths[current[0]] + 1
+        if current and ((len(current) + 1) * int(n) > budget or too_long):
             batches.append(current)
             current = []
         current.append(i)
@@ -153,6 +156,7 @@ def site_residuals(
     token_budget: int | None = None,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     pad_id: int | None = None,
+    max_padding: float | None = None,
     out_dtype: torch.dtype = torch.float32,
     out_device: str | torch.device = "cpu",
 ) -> Ragged:
@@ -163,6 +167,7 @@ def site_residuals(
     token_budget: padded tokens per forward (the batching rule of `token_batches`); by default from
         `memory_bytes` and the model's shape.  Sequences with no position to return are not run.
     pad_id: right-padding token, the model's EOS id by default.
+    max_padding: cut batches at length jumps too, keeping padding near this fraction (see `token_batches`).
     Returns rows in input order: sequence i's at values[offsets[i]:offsets[i + 1]], (rows, d) `out_dtype`.
     """
     seqs = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in sequences]
@@ -178,7 +183,7 @@ def site_residuals(
     if token_budget is None:
         token_budget = batch_tokens(model, memory_bytes, max(lengths, default=1))
     pad = model.eos_id if pad_id is None else pad_id
-    for batch in token_batches([lengths[i] for i in members], token_budget):
+    for batch in token_batches([lengths[i] for i in members], token_budget, max_padding):
         batch = [members[j] for j in batch]
         ids = torch.full((len(batch), lengths[batch[-1]]), pad, dtype=torch.long)
         for r, i in enumerate(batch):

@@ -100,6 +100,15 @@ def test_token_batches_cut_at_the_padded_token_budget():
     assert token_batches([], 4) == []
 
 
+def test_token_batches_with_max_padding_cut_at_length_jumps():
+    lengths = [2, 3, 3, 5, 9, 10, 40]
+    assert token_batches(lengths, 1000) == [[0, 1, 2, 3, 4, 5, 6]]
+    # 3 <= 1.5 * 2 + 1 joins the 2; 5 > 1.5 * 2 + 1 starts a batch, 9 > 1.5 * 5 + 1 another, 10 joins it
+    assert token_batches(lengths, 1000, max_padding=0.5) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert token_batches(lengths, 1000, max_padding=0.0) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert token_batches(lengths, 6, max_padding=0.5) == [[0, 1], [2], [3], [4], [5], [6]]
+
+
 def test_batch_tokens_follow_the_model_shape():
     small, wide = tiny_model("llama"), tiny_model("llama", hidden_size=128, intermediate_size=512)
     assert abs(batch_tokens(small, 2**24, 16) - 2 * batch_tokens(small, 2**23, 16)) <= 1
