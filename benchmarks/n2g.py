@@ -90,6 +90,7 @@ def main() -> None:
         f"(x{c['rerun_tokens'] / max(c['fewest_tokens'], 1):.2f} tokens)"
     )
     print(f"  by phase: {result.details['reruns']}")
+    print(f"  minimal suffix length quantiles: {result.details['suffix_length_quantiles']}")
     for key, est in result.values.items():
         print(f"  {key}: {format_estimate(est.to_dict())} (n={est.n} {est.unit})")
     print(f"  counts: {c}")

@@ -1,6 +1,10 @@
-"""`saebench explain --latent J`: which tokens' logits does ablating one latent lower and raise?
+"""`saebench explain --latent J [--latent K ...]`: what does a latent fire on, and what does it do?
 
-The view that makes the `ablation` metric's effects readable.  At the latent's `n_examples` top-activating
+Per latent: its firing rate, its N2G explanation (the `n2g` metric's token patterns, with their precision
+and recall on the held-out pool: taken from the `n2g` result file under `--results` when that file is
+current and explains the latent, else computed for the asked latents only), and the ablation view below.
+
+The ablation view makes the `ablation` metric's effects readable.  At the latent's `n_examples` top-activating
 scored positions t of the evaluation windows, its raw-space contribution is subtracted from the true residual
 at t only, exactly as the metric does (`saebench.metrics.ablation`), the model runs above the site on the
 clean keys/values of the earlier positions, and the logit differences of positions t..t+T-1 are centred by
@@ -8,7 +12,8 @@ each row's median.  Shown per position: the context ending in the token at t, th
 sparsity score, and the tokens lowered and raised most as the next token (the row of position t) and summed
 over the T positions; then, over all the positions shown, the mean next-token effect.
 
-    saebench explain --checkpoint PATH --latent 123 [--examples 8] [--top-tokens 8] [--n-future 16]
+    saebench explain --checkpoint PATH --latent 123 [--latent 456] [--examples 8] [--top-tokens 8]
+        [--n-future 16] [--results results]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from saebench.context import EvalContext
 from saebench.metrics.ablation import contributions, upper_cache
+from saebench.metrics.n2g import N2GParams, explain_latents
 from saebench.sae.sae import SAE
 
 TokenEffects = list[tuple[int, float]]
@@ -141,8 +147,34 @@ def explain_latent(
     return out
 
 
-def format_explanation(expl: Explanation, tokenizer, *, label: str = "", context_tokens: int = 12) -> str:
-    """Plain text: one block per example, then the mean next-token effect."""
+def n2g_rows(context: EvalContext, sae: SAE, latents: list[int], cached: dict | None) -> dict[int, dict]:
+    """Per latent, its N2G row: from `cached` (an n2g result's rows by latent) where present, else computed
+    for the missing latents only (`explain_latents`, the metric's default parameters)."""
+    cached = cached or {}
+    rows = {j: {**cached[j], "source": "n2g result file"} for j in latents if j in cached}
+    missing = [j for j in latents if j not in rows]
+    if missing:
+        for row in explain_latents(context, sae, missing, N2GParams()):
+            rows[row["latent"]] = {**row, "source": "computed now"}
+    return rows
+
+
+def format_n2g(row: dict) -> str:
+    """Two lines: held-out precision / recall beside the token lookup's, and the patterns."""
+    head = (
+        f"N2G ({row['source']}): precision {row['precision']:.3f}, recall {row['recall']:.3f}, "
+        f"f1 {row['f1']:.3f} on held-out text (token lookup: precision {row['precision_token']:.3f}, "
+        f"recall {row['recall_token']:.3f}); {row['n_patterns']} patterns, largest build activation "
+        f"{row['a_max']:.3f}"
+    )
+    text = row["explanation"].replace("\n", "\\n") or "(no pattern: every record's tokens were wildcards)"
+    return f"{head}\n   {text}"
+
+
+def format_explanation(
+    expl: Explanation, tokenizer, *, label: str = "", context_tokens: int = 12, n2g: dict | None = None
+) -> str:
+    """Plain text: the N2G explanation (if given), one block per example, then the mean next-token effect."""
 
     def tok(i: int) -> str:
         return repr(tokenizer.decode([i]))
@@ -157,8 +189,10 @@ def format_explanation(expl: Explanation, tokenizer, *, label: str = "", context
         f"{len(expl.examples)} top-activating positions, logit differences over t..t+{expl.n_future - 1} "
         "minus each row's median"
     ]
+    if n2g is not None:
+        lines.append(format_n2g(n2g))
     if not expl.examples:
-        return lines[0] + "\n  never active: nothing to ablate"
+        return "\n".join(lines) + "\n  never active: nothing to ablate"
     for n, e in enumerate(expl.examples, 1):
         before = "".join(tokenizer.decode([i]) for i in e.tokens[-context_tokens:-1])
         text = f"...{before}[{tokenizer.decode([e.tokens[-1]])}]".replace("\n", "\\n")
@@ -204,7 +238,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "does) and show the next-token logits it lowers and raises most.",
     )
     p.add_argument("--checkpoint", required=True, help="one checkpoint file/folder, or builtin:NAME")
-    p.add_argument("--latent", type=_latent, required=True, help="the latent's index")
+    p.add_argument(
+        "--latent", type=_latent, action="append", required=True, help="a latent's index (repeatable)"
+    )
     p.add_argument(
         "--examples", type=_positive, default=8, help="top-activating positions (default %(default)s)"
     )
@@ -219,6 +255,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--context-tokens", type=_positive, default=12, help="context shown (default %(default)s)")
     p.add_argument("--format", default=None, help="override checkpoint format detection")
+    p.add_argument(
+        "--results",
+        default="results",
+        help="where `saebench run --out` put result files: a current n2g.json there is reused "
+        "(default %(default)s)",
+    )
+    p.add_argument("--no-n2g", action="store_true", help="skip the N2G explanation")
     _add_eval_args(p)
     p.set_defaults(func=cmd_explain)
     return p
@@ -242,20 +285,43 @@ def cmd_explain(args) -> int:
             model_given=bool(args.model),
         )
     )
-    sae, context = runner.load(found[0])
+    ckpt = found[0]
+    sae, context = runner.load(ckpt)
     if args.n_future >= context.config.ctx:
         raise ValueError(f"--n-future {args.n_future} must be below the window length {context.config.ctx}")
-    expl = explain_latent(
-        context,
-        sae,
-        args.latent,
-        n_examples=args.examples,
-        top_tokens=args.top_tokens,
-        n_future=args.n_future,
-    )
-    print(
-        format_explanation(
-            expl, context.model.tokenizer, label=found[0].label, context_tokens=args.context_tokens
+    latents = list(dict.fromkeys(args.latent))
+    for j in latents:
+        if j >= sae.n_latents:
+            raise ValueError(f"--latent {j}: the SAE has latents 0..{sae.n_latents - 1}")
+    n2g = {} if args.no_n2g else n2g_rows(context, sae, latents, cached_n2g(args.results, ckpt, context))
+    blocks = []
+    for j in latents:
+        expl = explain_latent(
+            context, sae, j, n_examples=args.examples, top_tokens=args.top_tokens, n_future=args.n_future
         )
-    )
+        text = format_explanation(
+            expl,
+            context.model.tokenizer,
+            label=ckpt.label,
+            context_tokens=args.context_tokens,
+            n2g=n2g.get(j),
+        )
+        blocks.append(text)
+    print("\n\n".join(blocks))
     return 0
+
+
+def cached_n2g(results: str, ckpt, context: EvalContext) -> dict[int, dict]:
+    """The rows by latent of `<results>/<label>/n2g.json` if that file is current for this checkpoint,
+    evaluation data and the metric's default parameters; else {}."""
+    from pathlib import Path
+
+    from saebench.metrics.registry import get_metric, params_dict
+    from saebench.results import result_key, result_path, reusable
+
+    metric = get_metric("n2g")
+    key = result_key("n2g", metric.version, params_dict(N2GParams()), ckpt.sha256, context.data_key)
+    found = reusable(result_path(Path(results), ckpt.label, "n2g"), key)
+    if found is None:
+        return {}
+    return {int(row["latent"]): row for row in found.get("details", {}).get("latents", [])}

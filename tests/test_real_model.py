@@ -34,6 +34,18 @@ def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):
         "ablation.max_latents=8",
         "--param",
         "shrinkage.n_tokens=256",
+        "--param",
+        "n2g.n_latents=2",
+        "--param",
+        "n2g.n_random_directions=2",
+        "--param",
+        "n2g.n_build_tokens=2048",
+        "--param",
+        "n2g.n_score_tokens=2048",
+        "--param",
+        "n2g.n_kl_windows=4",
+        "--param",
+        "n2g.max_suffix=8",
         "--out",
         str(out),
     ]
@@ -56,6 +68,11 @@ def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):
     shrinkage = json.loads((out / label / "shrinkage.json").read_text())["values"]
     # refining the codes on their supports lowers the reconstruction error, it never raises it
     assert shrinkage["activation_scale"]["value"] > 0 and shrinkage["nmse_gain"]["value"] > -1e-3
+    n2g = json.loads((out / label / "n2g.json").read_text())
+    for name in ("n2g_precision", "n2g_recall", "n2g_f1", "n2g_f1_token", "n2g_f1_random"):
+        assert 0 <= n2g["values"][name]["value"] <= 1
+    assert n2g["counts"]["latents_sampled"] == 2 and all(row["explanation"] for row in n2g["details"]["latents"])
+    assert n2g["values"]["expl_kl_recovered"]["value"] <= 1
     # a second run reuses every result file
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
     assert main(args) == 0

@@ -219,10 +219,89 @@ def claim_shrinkage(rows: list[Row]) -> str:
     return "\n".join([head, *lines])
 
 
+def claim_n2g_precision_recall(rows: list[Row]) -> str:
+    """Per checkpoint, N2G precision against recall, and f1 against the token-lookup baseline."""
+    lines, recall_higher, beats_token, measured = [], 0, 0, 0
+    for r in sorted(rows, key=lambda r: r.label):
+        p, rec = _interval(r, "n2g", "n2g_precision"), _interval(r, "n2g", "n2g_recall")
+        f1, token = _interval(r, "n2g", "n2g_f1"), _interval(r, "n2g", "n2g_f1_token")
+        if None in (p, rec, f1, token):
+            continue
+        measured += 1
+        recall_higher += rec[0] > p[0]
+        apart = None not in (f1[1], token[2])
+        beats = apart and f1[1] > token[2]
+        beats_token += beats
+        verdict = "beats the token baseline" if beats else "not above the token baseline (intervals overlap)"
+        lines.append(
+            f"  - {r.label}: precision {_fmt(p)}, recall {_fmt(rec)}; f1 {_fmt(f1)} vs token lookup "
+            f"{_fmt(token)}: {verdict}"
+        )
+    if not measured:
+        return "not measured: needs n2g results (saebench run --tasks n2g)"
+    head = (
+        f"recall is above precision for {recall_higher} of {measured} checkpoints; N2G's f1 beats the "
+        f"current-token lookup's (95% intervals apart) for {beats_token} of {measured}"
+    )
+    return "\n".join([head, *lines])
+
+
+def _trend(rows: list[Row], value: tuple[str, str], by: str, within: str) -> list[str]:
+    """TopK rows grouped by `within` (n_latents or k), the value's trend as `by` grows, one line per group."""
+    groups: dict[int, list[tuple[int, float]]] = {}
+    for r in rows:
+        v = r.get(*value)
+        n, k = r.checkpoint.get("n_latents"), r.checkpoint.get("k")
+        if r.family != "topk" or v is None or n is None or k is None:
+            continue
+        key, x = (n, k) if within == "n_latents" else (k, n)
+        groups.setdefault(int(key), []).append((int(x), float(v)))
+    lines = []
+    for key, pts in sorted(groups.items()):
+        pts = sorted(set(pts))
+        if len(pts) < 2:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        rho = _spearman(np.array(xs, dtype=float), np.array(ys))
+        trend = "rises" if rho > 0.5 else "falls" if rho < -0.5 else "has no clear trend"
+        measured = ", ".join(f"{by}={x}: {y:.4f}" for x, y in pts)
+        lines.append(f"  - {within.replace('n_latents', 'n')}={key}: {measured}; {trend} with {by}")
+    return lines
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def claim_n2g_with_n(rows: list[Row]) -> str:
+    """TopK at fixed k: n2g_f1 against n (the paper: larger dictionaries are more explainable)."""
+    lines = _trend(rows, ("n2g", "n2g_f1"), "n", "k")
+    if not lines:
+        return "not measured: needs n2g results for TopK checkpoints at 2 or more n for one k"
+    return "n2g_f1 (TopK) as n grows at fixed k:\n" + "\n".join(lines)
+
+
+def claim_n2g_with_k(rows: list[Row]) -> str:
+    """TopK at fixed n: n2g_f1 against k (the paper: larger L0 makes token-pattern explanations worse)."""
+    lines = _trend(rows, ("n2g", "n2g_f1"), "k", "n_latents")
+    if not lines:
+        return "not measured: needs n2g results for TopK checkpoints at 2 or more k for one n"
+    return "n2g_f1 (TopK) as k grows at fixed n:\n" + "\n".join(lines)
+
+
 CLAIMS = (
     ("TopK beats ReLU on the nmse-L0 frontier.", claim_topk_frontier),
     ("AuxK and tied init leave few dead latents.", claim_dead_latents),
     ("nmse falls as a power law in n with an irreducible term.", claim_power_law),
     ("Latents have sparser downstream effects than residual channels.", claim_ablation_sparsity),
     ("TopK does not shrink activations; ReLU + L1 does.", claim_shrinkage),
+    (
+        "N2G explanations have high recall but lower precision, and beat a token lookup.",
+        claim_n2g_precision_recall,
+    ),
+    ("Larger dictionaries are better explained at fixed k.", claim_n2g_with_n),
+    ("Larger k makes token-pattern explanations worse.", claim_n2g_with_k),
 )

@@ -230,9 +230,9 @@ def test_explain_shows_the_top_positions_and_the_logits_the_ablation_moves(make_
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        ["explain", "--checkpoint", "builtin:pca-topk", "--latent", "5", "--examples", "2"]
+        ["explain", "--checkpoint", "builtin:pca-topk", "--latent", "5", "--latent", "7", "--examples", "2"]
     )
-    assert (args.latent, args.examples, args.n_future, args.func.__name__) == (5, 2, 16, "cmd_explain")
+    assert (args.latent, args.examples, args.n_future, args.func.__name__) == ([5, 7], 2, 16, "cmd_explain")
     with pytest.raises(SystemExit):
         parser.parse_args(["explain", "--checkpoint", "x", "--latent", "-1"])
 

@@ -95,6 +95,79 @@ def test_bracket_search_needs_fewer_reruns_and_finds_the_same_lengths(bigram_con
     assert a.counts["rerun_tokens"] < b.counts["rerun_tokens"]
 
 
+def test_the_suffix_cap_keeps_the_last_tokens_and_counts_the_records_it_cut(bigram_context):
+    sae = planted_sae()
+    free = n2g(bigram_context, sae, N2GParams(**SMALL))
+    capped = n2g(bigram_context, sae, N2GParams(max_suffix=1, **SMALL))
+    assert free.counts["records_capped"] == 0  # every activation here needs at most two tokens
+    by_latent = {row["latent"]: row for row in capped.details["latents"]}
+    # the bigram 't' 'h' does not fit in one token: its records keep 'h' alone and are counted as cut
+    assert by_latent[0]["explanation"] == "[h]" and by_latent[0]["precision"] < 1.0
+    assert by_latent[1]["explanation"] == "[q]" and by_latent[1]["f1"] == 1.0
+    n_bigram_records = sum(1 for j in capped.details["latents"] if j["latent"] == 0)
+    assert capped.counts["records_capped"] >= n_bigram_records > 0
+    assert capped.counts["rerun_tokens"] < free.counts["rerun_tokens"]
+
+
+def test_explain_computes_only_the_latents_no_result_file_explains(bigram_context):
+    from saebench.explain import format_n2g, n2g_rows
+    from saebench.metrics.n2g import explain_latents
+
+    sae, params = planted_sae(), N2GParams(**SMALL)
+    rows = explain_latents(bigram_context, sae, [1, 0], params)
+    assert [r["latent"] for r in rows] == [0, 1]
+    assert [r["explanation"] for r in rows] == ["t [h]", "[q]"]
+    assert all(r["precision"] == r["recall"] == 1.0 for r in rows)
+    assert 0 < rows[0]["active_score"] < rows[0]["score_tokens"]
+    with pytest.raises(ValueError, match="latents must lie in 0..2"):
+        explain_latents(bigram_context, sae, [3], params)
+
+    cached = {1: {**rows[1], "explanation": "from the file"}}
+    both = n2g_rows(bigram_context, sae, [0, 1], cached)
+    assert both[1]["source"] == "n2g result file" and both[1]["explanation"] == "from the file"
+    assert both[0]["source"] == "computed now"
+    text = format_n2g(both[1])
+    assert text.startswith("N2G (n2g result file): precision 1.000, recall 1.000, f1 1.000")
+    assert text.splitlines()[1] == "   from the file"
+
+
+def test_the_leaderboard_claims_on_n2g():
+    from saebench.leaderboard import Row
+    from saebench.leaderboard.claims import claim_n2g_precision_recall, claim_n2g_with_k, claim_n2g_with_n
+
+    def est(v, lo, hi):
+        return {"value": v, "lo": lo, "hi": hi}
+
+    def row(label, n, k, p, r, f1, token):
+        values = {
+            "n2g_precision": est(p, p - 0.01, p + 0.01),
+            "n2g_recall": est(r, r - 0.01, r + 0.01),
+            "n2g_f1": est(f1, f1 - 0.02, f1 + 0.02),
+            "n2g_f1_token": est(token, token - 0.02, token + 0.02),
+        }
+        return Row(label, {"architecture": "topk", "n_latents": n, "k": k}, {"n2g": values})
+
+    rows = [
+        row("a", 2048, 32, 0.3, 0.6, 0.40, 0.10),
+        row("b", 4096, 32, 0.4, 0.5, 0.45, 0.44),
+        row("c", 8192, 32, 0.5, 0.4, 0.50, 0.10),
+        row("d", 4096, 64, 0.2, 0.3, 0.25, 0.10),
+        Row("e", {}, {"core": {"nmse": est(0.1, 0.1, 0.1)}}),
+    ]
+    text = claim_n2g_precision_recall(rows)
+    assert text.splitlines()[0] == (
+        "recall is above precision for 3 of 4 checkpoints; N2G's f1 beats the current-token lookup's "
+        "(95% intervals apart) for 3 of 4"
+    )
+    assert "b: " in text and "not above the token baseline" in text
+    with_n = claim_n2g_with_n(rows)
+    assert "k=32: n=2048: 0.4000, n=4096: 0.4500, n=8192: 0.5000; rises with n" in with_n
+    assert "k=64" not in with_n  # one size only
+    assert "n=4096: k=32: 0.4500, k=64: 0.2500; falls with k" in claim_n2g_with_k(rows)
+    for claim in (claim_n2g_precision_recall, claim_n2g_with_n, claim_n2g_with_k):
+        assert claim(rows[4:]).startswith("not measured: ")
+
+
 def test_trie_prediction_on_a_hand_made_example():
     a, b, c, x = 5, 6, 7, 9
     trie = Trie(
