@@ -22,12 +22,14 @@ no effect at all (u = 0: the score is 0/0) is counted and left out of the means.
 
 Cost: an edit at t leaves positions < t unchanged, so only positions t..t+T-1 run above the site, on the
 clean keys/values of the earlier positions (`UpperCache.run_edits`); the ablations of many positions share a
-batch, and logit differences are reduced to (median, L1, L2) per row, `CHUNK` rows at a time.
+batch, and logit differences are reduced to (median, L1, L2) per row, `head_chunk` rows at a time, in one
+reused buffer (the median by exact selection, `median_centred_norms`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +46,9 @@ from saebench.sae.sae import SAE, Encoded, SparseCodes
 KINDS = ("latent", "random", "residual")
 LATENT, RANDOM, RESIDUAL = range(3)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: bytes of the head's output buffer: wider than the seam's default chunk, as the (rows, d) x (d, V) product
+#: runs ~15% faster here at 512+ rows than at 256
+HEAD_BYTES = 1 << 27
 
 
 @dataclass
@@ -208,6 +213,11 @@ def plan(context: EvalContext, sae: SAE, params: AblationParams) -> AblationPlan
     )
 
 
+def head_chunk(vocab_size: int) -> int:
+    """Rows of logit differences per head pass: a HEAD_BYTES float32 buffer (682 rows of a 49k vocabulary)."""
+    return max(1, HEAD_BYTES // (4 * vocab_size))
+
+
 def upper_cache(
     context: EvalContext, windows: torch.Tensor, *, reuse: bool = True
 ) -> tuple[UpperCache, torch.Tensor]:
@@ -244,8 +254,9 @@ def effects(
                     ablations.deltas[lo : lo + step],
                     n_positions=params.n_future,
                     output="logit_diff",
-                    reduce=median_centred_norms,
+                    reduce=partial(median_centred_norms, overwrite=True),
                     batch=step,
+                    chunk=head_chunk(context.model.vocab_size),
                 )
             )
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

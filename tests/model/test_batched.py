@@ -396,3 +396,20 @@ def test_edits_at_position_zero_need_no_cache(subject):
         *args, n_positions=4, output="logits"
     )
     torch.testing.assert_close(cached, rerun, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 256, 257])
+def test_median_centred_norms_selects_torchs_lower_median_and_copies_unless_told(vocab):
+    diff = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    diff[0] = 0.5  # ties
+    kept = diff.clone()
+    got = median_centred_norms(diff)
+    assert torch.equal(diff, kept)  # overwrite=False leaves the input alone
+    want = _dense_norms(diff.double())
+    assert torch.equal(got["median"], diff.median(-1).values)
+    for name in want:
+        np.testing.assert_allclose(got[name].double().numpy(), want[name], rtol=1e-6, atol=1e-6)
+    scratch = diff.clone()
+    again = median_centred_norms(scratch, overwrite=True)
+    assert torch.equal(again["median"], got["median"])
+    np.testing.assert_allclose(again["l1"].numpy(), got["l1"].numpy(), rtol=1e-6)
