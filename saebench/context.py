@@ -129,27 +129,30 @@ class Reconstructions:
         self._x_hat = torch.empty(n_windows, ctx - 1, d)
         self._done = torch.zeros(n_windows, dtype=torch.bool)
 
+    def encode(self, start: int, stop: int) -> tuple[torch.Tensor, Reconstruction]:
+        """x (b, ctx-1, d) of windows [start, stop) and the Reconstruction of its b*(ctx-1) tokens.
+
+        Their raw reconstructions are kept (`x_hat`)."""
+        context, sae = self.context, self.sae
+        x = torch.from_numpy(np.array(context.resid[start:stop, 1:])).to(context.device, sae.W_enc.dtype)
+        flat, scratch = x.reshape(-1, x.shape[-1]), sae.scratch(self.chunk_tokens)
+        with torch.inference_mode():
+            parts = [
+                sae.reconstruct(flat[i : i + self.chunk_tokens], scratch)
+                for i in range(0, flat.shape[0], self.chunk_tokens)
+            ]
+        rec = Reconstruction.cat(parts)
+        self._x_hat[start:stop] = rec.x_hat.reshape(x.shape).cpu()
+        self._done[start:stop] = True
+        return x, rec
+
     def batches(self, batch: int | None = None) -> Iterator[tuple[int, int, torch.Tensor, Reconstruction]]:
         """Yield (start, stop, x (b, ctx-1, d), Reconstruction over the b*(ctx-1) tokens) for windows."""
-        context, sae = self.context, self.sae
-        resid, d = context.resid, context.resid.shape[-1]
-        scratch = sae.scratch(self.chunk_tokens)
-        for start, stop in context.window_batches(batch):
-            x = torch.from_numpy(np.array(resid[start:stop, 1:])).to(context.device, sae.W_enc.dtype)
-            flat = x.reshape(-1, d)
-            with torch.inference_mode():
-                parts = [
-                    sae.reconstruct(flat[i : i + self.chunk_tokens], scratch)
-                    for i in range(0, flat.shape[0], self.chunk_tokens)
-                ]
-            rec = Reconstruction.cat(parts)
-            self._x_hat[start:stop] = rec.x_hat.reshape(x.shape).cpu()
-            self._done[start:stop] = True
-            yield start, stop, x, rec
+        for start, stop in self.context.window_batches(batch):
+            yield start, stop, *self.encode(start, stop)
 
     def x_hat(self, start: int, stop: int) -> torch.Tensor:
-        """Raw reconstructions of positions 1.. of windows [start, stop), encoding only if not yet done."""
+        """Raw reconstructions of positions 1.. of windows [start, stop), encoding only those not yet done."""
         if not self._done[start:stop].all():
-            for _ in self.batches():
-                pass
+            self.encode(start, stop)
         return self._x_hat[start:stop].to(self.context.device)

@@ -16,6 +16,7 @@ site run once, with one LM head pass (the KL's clean side is cached in compact f
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saebench.context import EvalContext
+from saebench.context import EvalContext, Reconstructions
 from saebench.metrics.registry import Metric, MetricResult, Plot, register
 from saebench.metrics.stats import ratio_estimate
 from saebench.model.batched import run_from_site
@@ -103,40 +104,75 @@ def reference(context: EvalContext) -> Reference:
 
 
 def spliced_ce_kl(
-    context: EvalContext, x_hat: Callable[[int, int], torch.Tensor], n_windows: int | None = None
+    context: EvalContext,
+    x_hat: Callable[[int, int], torch.Tensor],
+    n_windows: int | None = None,
+    *,
+    start: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per window, CE and KL(p_clean || p_spliced) summed over positions 1..ctx-2, with x_hat(start, stop)
-    (raw reconstructions of positions 1.. of windows [start, stop)) spliced in at the scored positions.
+    """Per window, CE and KL(p_clean || p_spliced) summed over positions 1..ctx-2, with x_hat(a, b)
+    (raw reconstructions of positions 1.. of windows [a, b)) spliced in at the scored positions.
 
-    Over the first `n_windows` evaluation windows (all by default), against `reference(context)`.
+    Over evaluation windows [start, n_windows) (all by default), against `reference(context)`; only the
+    blocks above the site run, from the cached site residuals.
     """
     clean, model, layer = reference(context), context.model, context.layer
     n_windows, device = len(context.windows) if n_windows is None else n_windows, context.device
-    ce_spliced, kl = np.zeros(n_windows), np.zeros(n_windows)
-    batches = [(start, min(stop, n_windows)) for start, stop in context.window_batches() if start < n_windows]
-    for start, stop in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
-        ids = torch.from_numpy(context.windows[start:stop]).to(device)
-        h = torch.from_numpy(np.array(context.resid[start:stop])).to(device, model.dtype)
-        keep = torch.from_numpy(context.mask[start:stop]).to(device)
+    b = context.config.batch_size
+    batches = [(a, min(a + b, n_windows)) for a in range(start, n_windows, b)]
+    ce_spliced, kl = np.zeros(n_windows - start), np.zeros(n_windows - start)
+    for a, z in tqdm(batches, desc="downstream", leave=False, dynamic_ncols=True):
+        ids = torch.from_numpy(context.windows[a:z]).to(device)
+        h = torch.from_numpy(np.array(context.resid[a:z])).to(device, model.dtype)
+        keep = torch.from_numpy(context.mask[a:z]).to(device)
         spliced = h.clone()
-        spliced[:, 1:][keep] = x_hat(start, stop).to(device, model.dtype)[keep]
+        spliced[:, 1:][keep] = x_hat(a, z).to(device, model.dtype)[keep]
         with torch.inference_mode():
             final = run_from_site(model, h, layer, replacement=spliced, positions=INNER)
             if clean.unembed_mean is not None:
-                e = torch.from_numpy(np.array(clean.unembed_mean[start:stop])).to(device)
-                c = torch.from_numpy(np.array(clean.clean_term[start:stop])).to(device)
+                e = torch.from_numpy(np.array(clean.unembed_mean[a:z])).to(device)
+                c = torch.from_numpy(np.array(clean.clean_term[a:z])).to(device)
                 ce_tok, kl_tok = ce_and_kl_linear(model, final, ids[:, 2:], e, c)
             else:
-                final_clean = torch.from_numpy(np.array(clean.final[start:stop])).to(device, model.dtype)
+                final_clean = torch.from_numpy(np.array(clean.final[a:z])).to(device, model.dtype)
                 ce_tok, kl_tok = ce_and_kl(model, final, final_clean, ids[:, 2:])
-        ce_spliced[start:stop] = ce_tok.double().sum(1).cpu().numpy()
-        kl[start:stop] = kl_tok.double().sum(1).cpu().numpy()
+        ce_spliced[a - start : z - start] = ce_tok.double().sum(1).cpu().numpy()
+        kl[a - start : z - start] = kl_tok.double().sum(1).cpu().numpy()
     return ce_spliced, kl
+
+
+class _Spliced:
+    """Per-window CE and KL of one SAE's reconstruction spliced in, for the first `done` windows."""
+
+    def __init__(self):
+        self.ce, self.kl, self.done = np.zeros(0), np.zeros(0), 0
+
+
+#: kept with the SAE's `Reconstructions` (so dropped by `context.forget(sae)`)
+_spliced: weakref.WeakKeyDictionary[Reconstructions, _Spliced] = weakref.WeakKeyDictionary()
+
+
+def reconstruction_ce_kl(
+    context: EvalContext, sae: SAE, n_windows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`spliced_ce_kl` of the SAE's own reconstruction over the first `n_windows` windows, run once per SAE.
+
+    Windows already run for this SAE (by downstream, or by another metric such as shrinkage) are reused and
+    only the rest run: the encoder's spliced pass is one piece shared by every metric that needs it.
+    """
+    rec = context.reconstructions(sae)
+    n_windows = len(context.windows) if n_windows is None else n_windows
+    memo = _spliced.setdefault(rec, _Spliced())
+    if memo.done < n_windows:
+        ce, kl = spliced_ce_kl(context, rec.x_hat, n_windows, start=memo.done)
+        memo.ce, memo.kl = np.concatenate([memo.ce, ce]), np.concatenate([memo.kl, kl])
+        memo.done = n_windows
+    return memo.ce[:n_windows].copy(), memo.kl[:n_windows].copy()
 
 
 def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricResult:
     clean, n_windows = reference(context), len(context.windows)
-    ce_spliced, kl = spliced_ce_kl(context, context.reconstructions(sae).x_hat)
+    ce_spliced, kl = reconstruction_ce_kl(context, sae)
     ce_clean = clean.ce_clean.sum(1)
     ce_zero = clean.ce_zero.sum(1)
     positions = np.full(n_windows, clean.ce_clean.shape[1], dtype=np.float64)

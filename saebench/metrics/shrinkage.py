@@ -16,7 +16,8 @@ iterations keeps its last iterate, is counted (`unconverged_frac`) and makes a w
     nmse, nmse_refined = sum ||u - u_hat||^2 / sum ||u - mean(u)||^2, with the encoder's / refined codes
     nmse_gain        = nmse - nmse_refined
     delta_ce, delta_ce_refined   the encoder's / refined raw reconstruction spliced in as downstream does
-                     (`downstream.spliced_ce_kl`, against its cached clean pass), on the same windows
+                     (`downstream.spliced_ce_kl`, against its cached clean pass), on the same windows; the
+                     encoder's pass is downstream's own (`reconstruction_ce_kl`), run once per SAE
     moved_frac       share of tokens with ||z* - z||_2 > moved_threshold ||z||_2
 
 Intervals resample windows.  Tokens are refined all at once on padded active sets ((tokens, m, m) Gram
@@ -35,10 +36,10 @@ import torch
 
 from saebench.context import EvalContext
 from saebench.metrics.core import _SumOfSquaresAroundMean
-from saebench.metrics.downstream import reference, spliced_ce_kl
+from saebench.metrics.downstream import reconstruction_ce_kl, reference, spliced_ce_kl
 from saebench.metrics.registry import Metric, MetricResult, register
 from saebench.metrics.stats import ratio_estimate
-from saebench.sae.sae import SAE, Reconstruction, SparseCodes
+from saebench.sae.sae import SAE, SparseCodes
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Refined(NamedTuple):
     err_after: torch.Tensor
 
 
+#: Gram matrices (float64 bytes) refined together at most: 8 KB a token at 32 active latents
+GRAM_BYTES = 1 << 28
+
+
 def _bmv(G: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.bmm(G, z[..., None])[..., 0]
 
@@ -98,9 +103,11 @@ def gram_system(
 
     Slots whose code is zero (padding, inactive) get zero rows: they stay at zero.
     """
-    rows = W_dec[codes.indices].double() * (codes.values != 0)[..., None]
+    rows = W_dec.double()[codes.indices]  # a no-op conversion when the caller passes float64 rows
     r = u.double() - b_dec.double()
-    return torch.bmm(rows, rows.transpose(1, 2)), _bmv(rows, r), r.square().sum(-1)
+    active = (codes.values != 0).double()
+    G = torch.bmm(rows, rows.transpose(1, 2)).mul_(active[:, :, None] * active[:, None, :])
+    return G, _bmv(rows, r).mul_(active), r.square().sum(-1)
 
 
 def refine(
@@ -116,7 +123,23 @@ def refine(
 
     G (N, m, m), c (N, m), r2 = ||u - b_dec||^2 (N,), z0 (N, m) >= 0 zero off the support.  The support is
     where z0 is non-zero; z stays zero elsewhere.  Converged tokens stop updating.
+
+    On CPU this runs on one thread: the iterations are a few hundred small tensor operations, and on a
+    shared machine each parallel region waits milliseconds for its second thread (40x slower here).
     """
+    if G.device.type != "cpu":
+        return _refine(G, c, r2, z0, max_iter=max_iter, tol=tol)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _refine(G, c, r2, z0, max_iter=max_iter, tol=tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _refine(
+    G: torch.Tensor, c: torch.Tensor, r2: torch.Tensor, z0: torch.Tensor, *, max_iter: int, tol: float
+) -> Refined:
     support = (z0 != 0).double()
     z0 = z0.double() * support
     L = torch.linalg.eigvalsh(G)[:, -1].clamp_min(1e-300)[:, None]
@@ -124,33 +147,39 @@ def refine(
     Gz = _bmv(G, z0)
     grad_norm = _projected(Gz - c, z0, support).norm(dim=-1) / scale
     z, y, Gy = z0.clone(), z0.clone(), Gz.clone()
-    t = torch.ones_like(scale)
+    # momentum t_0 = 1, t_(k+1) = (1 + sqrt(1 + 4 t_k^2)) / 2 is every token's sequence up to its restarts:
+    # a table indexed by each token's steps since its last restart (no sqrt kernel per step)
+    table = [1.0]
+    for _ in range(max_iter):
+        table.append((1 + math.sqrt(1 + 4 * (table[-1] * table[-1]))) / 2)
+    t_of = torch.tensor(table, dtype=torch.float64, device=z0.device)
+    k = torch.zeros(len(z0), dtype=torch.long, device=z0.device)
     iterations = torch.full((len(z0),), max_iter, dtype=torch.long, device=z0.device)
     iterations[grad_norm <= tol] = 0
     work, it = torch.nonzero(grad_norm > tol)[:, 0], 0
     while len(work) and it < max_iter:
         # the working tokens' state, stepped until the next compaction (every 8 iterations)
         Gw, cw, sw, Lw, scale_w = G[work], c[work], support[work], L[work], scale[work]
-        zw, yw, Gyw, Gzw, tw = z[work], y[work], Gy[work], Gz[work], t[work]
+        zw, yw, Gyw, Gzw, kw = z[work], y[work], Gy[work], Gz[work], k[work]
         live = torch.ones(len(work), dtype=torch.bool, device=z0.device)
         for _ in range(min(8, max_iter - it)):
             it += 1
             new = (yw - (Gyw - cw) / Lw).clamp_min(0) * sw
             Gnew = _bmv(Gw, new)
             restart = ((yw - new) * (new - zw)).sum(-1) > 0
-            t_next = torch.where(restart, 1.0, (1 + torch.sqrt(1 + 4 * tw.square())) / 2)
-            beta = torch.where(restart, 0.0, (tw - 1) / t_next)[:, None]
+            k_next = torch.where(restart, 0, kw + 1)
+            beta = torch.where(restart, 0.0, (t_of[kw] - 1) / t_of[k_next])[:, None]
             keep = live[:, None]  # a token that has converged keeps its iterate
             yw = torch.where(keep, new + beta * (new - zw), yw)
             Gyw = torch.where(keep, Gnew + beta * (Gnew - Gzw), Gyw)
             zw, Gzw = torch.where(keep, new, zw), torch.where(keep, Gnew, Gzw)
-            tw = torch.where(live, t_next, tw)
+            kw = torch.where(live, k_next, kw)
             g = _projected(Gzw - cw, zw, sw).norm(dim=-1) / scale_w
             fresh = live & (g <= tol)
             iterations[work[fresh]] = it
             live &= ~fresh
             grad_norm[work] = g
-        z[work], y[work], Gy[work], Gz[work], t[work] = zw, yw, Gyw, Gzw, tw
+        z[work], y[work], Gy[work], Gz[work], k[work] = zw, yw, Gyw, Gzw, kw
         work = work[live]
     done = grad_norm <= tol
     zG0 = (z0 * _bmv(G, z0)).sum(-1)
@@ -164,23 +193,34 @@ def refine_codes(
 ) -> Refined:
     """`refine` on the SAE's decoder for SAE-space inputs u (N, d) and their codes; values in codes' slots.
 
-    Tokens are refined `chunk` at a time in order of their active count, each chunk padded only to its own
-    widest active set: a few dense tokens do not make every token's Gram matrix wide.
+    Tokens are taken in order of their active count and refined in groups, each padded only to its own
+    widest active set (a few dense tokens do not make every token's Gram matrix wide) and as large as
+    `GRAM_BYTES` of Gram matrices allow (at least `chunk` tokens): a TopK SAE's 4,096 tokens are one group,
+    so the iterations' small tensor operations run once, not once per chunk.  The active decoder rows are
+    gathered `chunk` tokens at a time (chunk x m x d float64).
     """
     n, m = codes.values.shape
     values, slot = codes.values.detach().sort(dim=-1, descending=True)  # active slots first
     indices = codes.indices.gather(1, slot)
     l0 = (values != 0).sum(-1)
     order = torch.argsort(l0, stable=True)
+    widths = l0[order].clamp_min(1).tolist()
+    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach()
     out = torch.zeros(n, m, dtype=torch.float64, device=u.device)
-    parts = []
-    for lo in range(0, n, chunk):
-        rows = order[lo : lo + chunk]
-        width = max(int(l0[rows].max()), 1)
-        part = SparseCodes(indices[rows, :width], values[rows, :width])
-        G, c, r2 = gram_system(sae.W_dec.detach(), sae.b_dec.detach(), u[rows], part)
-        parts.append(refine(G, c, r2, part.values, max_iter=max_iter, tol=tol))
+    parts, lo = [], 0
+    while lo < n:
+        hi = lo + min(chunk, n - lo)
+        while hi < n and (hi + 1 - lo) * widths[hi] ** 2 * 8 <= GRAM_BYTES:
+            hi += 1
+        rows, width = order[lo:hi], widths[hi - 1]
+        systems = [
+            gram_system(W_dec, b_dec, u[r], SparseCodes(indices[r, :width], values[r, :width]))
+            for r in rows.split(chunk)
+        ]
+        G, c, r2 = (torch.cat(part) for part in zip(*systems, strict=True))
+        parts.append(refine(G, c, r2, values[rows, :width], max_iter=max_iter, tol=tol))
         out[rows[:, None], slot[rows, :width]] = parts[-1].values
+        lo = hi
     inverse = torch.argsort(order)
     joined = [torch.cat(field)[inverse] for field in list(zip(*parts, strict=True))[1:]]
     return Refined(out, *joined)
@@ -191,14 +231,8 @@ def compute(context: EvalContext, sae: SAE, params: ShrinkageParams) -> MetricRe
     ctx = context.config.ctx
     n_windows = min(len(context.windows), math.ceil(params.n_tokens / (ctx - 1)))
     mask = torch.from_numpy(context.mask[:n_windows]).to(context.device)
-    x = torch.from_numpy(np.array(context.resid[:n_windows, 1:])).to(context.device, sae.W_enc.dtype)
-    d = x.shape[-1]
-    flat, keep = x.reshape(-1, d), mask.reshape(-1)
-    scratch = sae.scratch(params.chunk_tokens)
-    step = params.chunk_tokens
-    rec = Reconstruction.cat(
-        [sae.reconstruct(flat[i : i + step], scratch) for i in range(0, len(flat), step)]
-    )
+    x, rec = context.reconstructions(sae).encode(0, n_windows)  # keeps x_hat for the shared spliced pass
+    d, keep = x.shape[-1], mask.reshape(-1)
     codes = rec.codes.select(keep)
     refined = refine_codes(
         sae, rec.u[keep], codes, max_iter=params.max_iter, tol=params.tol, chunk=params.chunk_tokens
@@ -235,10 +269,9 @@ def compute(context: EvalContext, sae: SAE, params: ShrinkageParams) -> MetricRe
             SparseCodes(codes.indices, refined.values.to(sae.W_dec.dtype)), rec.state.select(keep)
         )
         x_ref = x_ref.reshape(x.shape)
-        x_hat = rec.x_hat.reshape(x.shape)
         ce_clean = reference(context).ce_clean[:n_windows]
         positions = np.full(n_windows, ce_clean.shape[1], dtype=np.float64)
-        ce_before, _ = spliced_ce_kl(context, lambda a, b: x_hat[a:b], n_windows)
+        ce_before, _ = reconstruction_ce_kl(context, sae, n_windows)  # downstream's pass, shared
         ce_after, _ = spliced_ce_kl(context, lambda a, b: x_ref[a:b], n_windows)
         values["delta_ce"] = ratio_estimate(ce_before - ce_clean.sum(1), positions, "windows", seed)
         values["delta_ce_refined"] = ratio_estimate(ce_after - ce_clean.sum(1), positions, "windows", seed)

@@ -98,3 +98,31 @@ def test_downstream_after_core_does_not_encode_again(make_context):
     context.forget(sae)
     downstream(context, sae, DownstreamParams())  # forgotten: encodes once more, same result
     assert len(calls) == 2 * after_core
+
+
+def test_the_encoder_pass_is_one_piece_run_once_per_window(make_context, monkeypatch):
+    from saebench.metrics import downstream as module
+
+    context = make_context()
+    sae = random_sae(context.model.d_model, 64, k=4)
+    n = len(context.windows)
+    original, ranges = module.spliced_ce_kl, []
+
+    def spy(ctx, x_hat, n_windows=None, *, start=0):
+        ranges.append((start, n_windows))
+        return original(ctx, x_hat, n_windows, start=start)
+
+    monkeypatch.setattr(module, "spliced_ce_kl", spy)
+    first = module.reconstruction_ce_kl(context, sae, 3)  # e.g. shrinkage's windows
+    whole = module.reconstruction_ce_kl(context, sae)  # downstream: only the rest runs
+    fewer = module.reconstruction_ce_kl(context, sae, 4)
+    downstream(context, sae, DownstreamParams())
+    assert ranges == [(0, 3), (3, n)]
+    want = original(context, context.reconstructions(sae).x_hat)
+    for got, expected in zip(whole, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(first[0], whole[0][:3])
+    np.testing.assert_array_equal(fewer[1], whole[1][:4])
+    context.forget(sae)  # forgotten with the SAE's reconstructions
+    module.reconstruction_ce_kl(context, sae, 2)
+    assert ranges[-1] == (0, 2)

@@ -150,3 +150,28 @@ def test_the_leaderboard_claim_reports_the_scale_per_family():
     assert text[1] == "  - relu: activation_scale 1.3000 to 1.3000 over 1 checkpoints, interval above 1 for 1"
     assert text[2] == "  - topk: activation_scale 1.0010 to 1.0100 over 2 checkpoints, interval above 1 for 1"
     assert claim_shrinkage([Row("x", {}, {})]).startswith("not measured: ")
+
+
+def test_after_downstream_only_the_refined_reconstruction_is_spliced(make_context, monkeypatch):
+    from saebench.metrics import downstream as downstream_module
+    from saebench.metrics import shrinkage as shrinkage_module
+
+    context = make_context()
+    sae = random_sae(context.model.d_model, 64, k=4)
+    original, calls = downstream_module.spliced_ce_kl, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("start", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(downstream_module, "spliced_ce_kl", spy)
+    monkeypatch.setattr(shrinkage_module, "spliced_ce_kl", spy)
+    alone = compute(context, sae, PARAMS)
+    assert len(calls) == 2  # the encoder's reconstruction, the refined one
+    context.forget(sae)
+    calls.clear()
+    downstream_module.compute(context, sae, downstream_module.DownstreamParams())
+    after = compute(context, sae, PARAMS)
+    assert len(calls) == 2  # downstream's pass over every window, then only shrinkage's refined one
+    for key in ("delta_ce", "delta_ce_refined", "activation_scale", "nmse_refined"):
+        assert after.values[key].value == pytest.approx(alone.values[key].value, rel=1e-6, abs=1e-7)
