@@ -147,14 +147,16 @@ def explain_latent(
     return out
 
 
-def n2g_rows(context: EvalContext, sae: SAE, latents: list[int], cached: dict | None) -> dict[int, dict]:
+def n2g_rows(
+    context: EvalContext, sae: SAE, latents: list[int], cached: dict | None, params: N2GParams | None = None
+) -> dict[int, dict]:
     """Per latent, its N2G row: from `cached` (an n2g result's rows by latent) where present, else computed
-    for the missing latents only (`explain_latents`, the metric's default parameters)."""
+    for the missing latents only (`explain_latents`, by default with the metric's default parameters)."""
     cached = cached or {}
     rows = {j: {**cached[j], "source": "n2g result file"} for j in latents if j in cached}
     missing = [j for j in latents if j not in rows]
     if missing:
-        for row in explain_latents(context, sae, missing, N2GParams()):
+        for row in explain_latents(context, sae, missing, params or N2GParams()):
             rows[row["latent"]] = {**row, "source": "computed now"}
     return rows
 

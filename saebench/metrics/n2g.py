@@ -32,9 +32,11 @@ tokens) and `random` (r = min(n_random_directions, m) random unit directions r_i
 act = relu(u . r_i - tau_i) with tau_i set so that it fires on the same share of scored build tokens as
 sampled latent i; the same build and score).
 
-Cost: every re-run goes to the site only, all records of all latents and directions batched by length
-(padding near `MAX_PADDING`); a record of suffix length L costs about (L + 2)(L + 1) tokens of saliency
-runs, hence the cap.
+Cost: every re-run goes to the site only, all records of all latents and directions batched together by
+length (padding near `MAX_PADDING`).  The saliency variants of a suffix differ from it from the replaced
+token on, so with `reuse_keys` the suffixes of one length run once keeping their keys (`token_cache`) and
+the variant replacing token k runs positions k + 1.. only: L (L + 1) / 2 tokens for a suffix of length L
+instead of L (L + 1), still quadratic, hence the cap.
 
 Explanation reconstruction (sampled latents): s_j = c_j * prediction_j with c_j = sum(p a) / sum(p^2) over
 scored build tokens.  With C = x_hat - x_hat(sampled latents zeroed) and C_s = x_hat(simulations) - the same:
@@ -60,7 +62,7 @@ from saebench.context import EvalContext
 from saebench.metrics.n2g_patterns import WILDCARD, Pattern, Trie, predict
 from saebench.metrics.registry import Estimate, Metric, MetricResult, Plot, register
 from saebench.metrics.stats import mean_estimate, ratio_estimate
-from saebench.model.batched import run_from_site, site_residuals
+from saebench.model.batched import run_from_site, site_residuals, token_cache, token_deltas
 from saebench.model.scoring import CHUNK
 from saebench.sae.sae import SAE, SparseCodes
 
@@ -94,6 +96,9 @@ class N2GParams:
     max_suffix: int = 16
     #: random directions of the `random` baseline, thresholded to the first sampled latents' firing rates
     n_random_directions: int = 16
+    #: saliency variants rerun only the positions from the replaced token on, on the cached keys of the
+    #: suffix's earlier positions (equal to full reruns up to float rounding); False: full reruns
+    reuse_keys: bool = True
     #: text of the one token put before a suffix (anchoring) and in place of a token (saliency)
     filler: str = ","
     #: fraction of a record's activation the minimal suffix and the anchor test must keep
@@ -268,28 +273,57 @@ class RunLog:
     seconds: float = 0.0
 
     def add(self, phase: str, seqs: list[list[int]]) -> None:
-        self.sequences[phase] = self.sequences.get(phase, 0) + len(seqs)
-        self.tokens[phase] = self.tokens.get(phase, 0) + sum(len(s) for s in seqs)
+        self.count(phase, len(seqs), sum(len(s) for s in seqs))
+
+    def count(self, phase: str, sequences: int, tokens: int) -> None:
+        self.sequences[phase] = self.sequences.get(phase, 0) + sequences
+        self.tokens[phase] = self.tokens.get(phase, 0) + tokens
 
 
-Activation = Callable[[list[list[int]], np.ndarray, str], np.ndarray]
+class ReRuns:
+    """The model re-runs of the build, to the site only, and the features read off at the last tokens."""
 
+    def __init__(self, context: EvalContext, features: Features, log: RunLog, reuse_keys: bool = True):
+        self.model, self.layer, self.features, self.log = context.model, context.layer, features, log
+        self.reuse_keys = reuse_keys
 
-def _activation_fn(context: EvalContext, features: Features, log: RunLog) -> Activation:
-    """act(sequences, feature columns, phase): each sequence run to the site, the feature at its last token"""
-    model, layer = context.model, context.layer
-
-    def act(seqs: list[list[int]], which: np.ndarray, phase: str) -> np.ndarray:
+    def last(self, seqs: list[list[int]], which: np.ndarray, phase: str) -> np.ndarray:
+        """Feature which[i] at the last token of sequence i, each sequence run on its own (batched)."""
         if not seqs:
             return np.zeros(0)
-        log.add(phase, seqs)
+        self.log.add(phase, seqs)
         began = time.perf_counter()
         with torch.inference_mode():
-            rows = site_residuals(model, seqs, layer, "last", max_padding=MAX_PADDING).values
-        log.seconds += time.perf_counter() - began
-        return features.rows(rows, torch.as_tensor(which)).numpy()
+            rows = site_residuals(self.model, seqs, self.layer, "last", max_padding=MAX_PADDING).values
+        self.log.seconds += time.perf_counter() - began
+        return self.features.rows(rows, torch.as_tensor(which)).numpy()
 
-    return act
+    def saliency(self, ids: torch.Tensor, which: np.ndarray, filler: int) -> tuple[np.ndarray, np.ndarray]:
+        """For sequences ids (R, 1 + L) (BOS + suffix): the feature at the last token, (R,), and with suffix
+        token k replaced by the filler, (R, L).  The sequences run once, keeping their keys; the variant
+        replacing token k runs positions k + 1.. only, on the cached keys of the earlier ones."""
+        n, length = ids.shape[0], ids.shape[1] - 1
+        if not self.reuse_keys:
+            seqs = [row.tolist() for row in ids]
+            variants = [s[: k + 1] + [filler] + s[k + 2 :] for s in seqs for k in range(length)]
+            base = self.last(seqs, which, "base")
+            replaced = self.last(variants, np.repeat(which, length), "saliency").reshape(n, length)
+            return base, replaced
+        replaced = np.zeros((n, length))
+        began = time.perf_counter()
+        with torch.inference_mode():
+            cache = token_cache(self.model, ids, self.layer)
+            base = cache.final[:, -1]
+            rows = torch.arange(n)
+            for k in range(length):
+                at = torch.full((n,), k + 1)
+                deltas = token_deltas(self.model, ids[:, k + 1], torch.full((n,), filler))
+                h = cache.run_edits(rows, at, deltas, n_positions=length - k, output="final")[:, -1]
+                replaced[:, k] = self.features.rows(h, torch.as_tensor(which)).numpy()
+        self.log.seconds += time.perf_counter() - began
+        self.log.count("base", n, n * (length + 1))
+        self.log.count("saliency", n * length, n * length * (length + 1) // 2)
+        return self.features.rows(base, torch.as_tensor(which)).numpy(), replaced
 
 
 class Built(NamedTuple):
@@ -299,9 +333,11 @@ class Built(NamedTuple):
 
 
 def build(
-    records: Records, windows: np.ndarray, bos: int, filler: int, act: Activation, params: N2GParams
+    records: Records, windows: np.ndarray, bos: int, filler: int, reruns: ReRuns, params: N2GParams
 ) -> Built:
-    """Steps 1-3 for every record at once: one batched run per search round, one for anchors + saliency."""
+    """Steps 1-3 for every record at once: one batched run per search round, one for the anchors, and per
+    suffix length one run of the suffixes whose keys the saliency variants reuse."""
+    act = reruns.last
     n = len(records.t)
     ctxs = [windows[w, 1 : t + 1].tolist() for w, t in zip(records.window, records.t, strict=True)]
     full = np.minimum(records.t, params.max_suffix).astype(np.int64)  # taken as passing (see `capped`)
@@ -340,26 +376,24 @@ def build(
                     if doubling[i]:
                         probe[i] = 2 * k
                         doubling[i] = probe[i] < hi[i]
-    # anchors, the suffix's own activation and saliencies: one batched run
-    seqs, which, kinds = [], [], []
-    for i in range(n):
-        s = ctxs[i][len(ctxs[i]) - int(hi[i]) :]
-        seqs += [[bos] + s, [bos, filler] + s] + [
-            [bos] + s[:k] + [filler] + s[k + 1 :] for k in range(len(s))
-        ]
-        which += [records.feature[i]] * (len(s) + 2)
-        kinds.append(len(s) + 2)
-    got = act(seqs, np.asarray(which, dtype=np.int64), "anchor+saliency")
+    # anchors: one batched run; the suffix's own activation and its saliencies: per suffix length
+    suffixes = [ctxs[i][len(ctxs[i]) - int(hi[i]) :] for i in range(n)]
+    anchored_act = act([[bos, filler] + s for s in suffixes], records.feature, "anchor")
+    base, replaced = np.zeros(n), [np.zeros(0)] * n
+    for length in np.unique(hi):
+        group = np.flatnonzero(hi == length)
+        ids = torch.tensor([[bos] + suffixes[i] for i in group], dtype=torch.long)
+        b, r = reruns.saliency(ids, records.feature[group], filler)
+        base[group] = b
+        for row, i in enumerate(group):
+            replaced[i] = r[row]
     patterns: list[Pattern | None] = []
     capped = np.zeros(n, dtype=bool)
-    at = 0
     for i in range(n):
-        s = ctxs[i][len(ctxs[i]) - int(hi[i]) :]
-        base, anchored_act, replaced = got[at], got[at + 1], got[at + 2 : at + kinds[i]]
-        at += kinds[i]
-        capped[i] = hi[i] < records.t[i] and base < need[i]
-        anchored = bool(anchored_act < need[i]) and not capped[i]  # a cut context does not start there
-        salient = 1 - replaced / base if base > 0 else np.ones(len(s))
+        s = suffixes[i]
+        capped[i] = hi[i] < records.t[i] and base[i] < need[i]
+        anchored = bool(anchored_act[i] < need[i]) and not capped[i]  # a cut context does not start there
+        salient = 1 - replaced[i] / base[i] if base[i] > 0 else np.ones(len(s))
         tokens = [tok if sal >= params.saliency else WILDCARD for tok, sal in zip(s, salient, strict=True)]
         if not anchored:
             while tokens and tokens[0] == WILDCARD:
@@ -371,11 +405,13 @@ def build(
     return Built(patterns, hi, capped)
 
 
-def fewest_runs(lengths: np.ndarray) -> tuple[int, int]:
-    """Sequences and tokens any search needs given the answers: L* and L*-1 tested, anchor, L* saliency."""
+def fewest_runs(lengths: np.ndarray, reuse_keys: bool = True) -> tuple[int, int]:
+    """Sequences and tokens any search needs given the answers: L* and L*-1 tested, the anchor, and the L*
+    saliency variants (on the cached keys of the suffix's earlier positions with `reuse_keys`)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     seqs = (lengths > 1) + 1 + 1 + lengths
-    tokens = (lengths + 1) + np.where(lengths > 1, lengths, 0) + (lengths + 2) + lengths * (lengths + 1)
+    saliency = lengths * (lengths + 1) // 2 if reuse_keys else lengths * (lengths + 1)
+    tokens = (lengths + 1) + np.where(lengths > 1, lengths, 0) + (lengths + 2) + saliency
     return int(seqs.sum()), int(tokens.sum())
 
 
@@ -587,10 +623,10 @@ def _explain_columns(
     columns = build_acts.shape[-1]
     records = _records(build_acts, params.n_top, params.n_random, rng)
     log = RunLog()
-    act = _activation_fn(context, features, log)
     t0 = time.perf_counter()
     filler = _filler_id(model.tokenizer, params.filler)
-    built = build(records, build_pool.windows, model.bos_id, filler, act, params)
+    reruns = ReRuns(context, features, log, params.reuse_keys)
+    built = build(records, build_pool.windows, model.bos_id, filler, reruns, params)
     timing["model"] = log.seconds
     timing["build_other"] = time.perf_counter() - t0 - log.seconds
 
@@ -754,7 +790,7 @@ def compute(context: EvalContext, sae: SAE, params: N2GParams) -> MetricResult:
     per_latent = _latent_rows(latents, ex, sae_scores, token_scores, _decoder(tokenizer))
     for row, c in zip(per_latent, c_n2g, strict=True):
         row["c"] = float(c)
-    fewest_seqs, fewest_tokens = fewest_runs(built.length)
+    fewest_seqs, fewest_tokens = fewest_runs(built.length, params.reuse_keys)
     n_patterns = [len(t.patterns()) for t in tries]
     is_latent = records.feature < m
     lengths = {

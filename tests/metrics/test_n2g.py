@@ -61,7 +61,10 @@ def bigram_context(tmp_path, tiny_llama):
     return EvalContext(config, preloaded_model=BigramModel(tiny_llama))
 
 
-SMALL = dict(n_build_tokens=1500, n_score_tokens=1500, min_build=3, min_score=1, n_kl_windows=40)
+# the stub model overrides to_site, which the key-reusing saliency runs bypass
+SMALL = dict(
+    n_build_tokens=1500, n_score_tokens=1500, min_build=3, min_score=1, n_kl_windows=40, reuse_keys=False
+)
 
 
 @pytest.mark.parametrize("search", ["bracket", "exhaustive"])
@@ -123,7 +126,7 @@ def test_explain_computes_only_the_latents_no_result_file_explains(bigram_contex
         explain_latents(bigram_context, sae, [3], params)
 
     cached = {1: {**rows[1], "explanation": "from the file"}}
-    both = n2g_rows(bigram_context, sae, [0, 1], cached)
+    both = n2g_rows(bigram_context, sae, [0, 1], cached, params)
     assert both[1]["source"] == "n2g result file" and both[1]["explanation"] == "from the file"
     assert both[0]["source"] == "computed now"
     text = format_n2g(both[1])
@@ -166,6 +169,22 @@ def test_the_leaderboard_claims_on_n2g():
     assert "n=4096: k=32: 0.4500, k=64: 0.2500; falls with k" in claim_n2g_with_k(rows)
     for claim in (claim_n2g_precision_recall, claim_n2g_with_n, claim_n2g_with_k):
         assert claim(rows[4:]).startswith("not measured: ")
+
+
+def test_saliency_on_cached_keys_equals_full_reruns(make_context):
+    from tests.conftest import random_sae
+
+    context = make_context()
+    sae = random_sae(context.model.d_model, 64, k=4, seed=3)
+    params = dict(
+        n_latents=6, n_build_tokens=1200, n_score_tokens=1200, min_build=3, min_score=1, n_kl_windows=8
+    )
+    reused = n2g(context, sae, N2GParams(**params))
+    rerun = n2g(context, sae, N2GParams(reuse_keys=False, **params))
+    assert reused.details["latents"] == rerun.details["latents"]
+    assert reused.values["n2g_f1_random"].value == rerun.values["n2g_f1_random"].value
+    assert reused.counts["rerun_sequences"] == rerun.counts["rerun_sequences"]
+    assert reused.counts["rerun_tokens"] < rerun.counts["rerun_tokens"]
 
 
 def test_trie_prediction_on_a_hand_made_example():
