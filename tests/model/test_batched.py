@@ -12,6 +12,8 @@ from saebench.model.batched import (
     run_from_site,
     site_residuals,
     token_batches,
+    token_cache,
+    token_deltas,
 )
 from saebench.model.tiny import tiny_model
 
@@ -374,6 +376,27 @@ def test_kv_reuse_in_float64_is_exact_to_rounding(family, attention):
     exact = 1e-12 if attention == "sdpa" or family == "gpt2" else 1e-6
     torch.testing.assert_close(final_cached, final_rerun, rtol=0, atol=exact, equal_nan=True)
     torch.testing.assert_close(cached, rerun, rtol=0, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "gpt_neox"])
+@torch.inference_mode()
+def test_token_edits_on_cached_keys_equal_the_edited_sequences_to_the_site(family):
+    subject = tiny_model(family, seed=3, dtype=torch.float64)
+    ids = _ids(subject, 3, 10, seed=4)
+    cache = token_cache(subject, ids, LAYER)
+    torch.testing.assert_close(cache.final, subject.to_site(ids, LAYER), rtol=0, atol=1e-12)
+    rows, starts = torch.tensor([0, 1, 1, 2]), torch.tensor([1, 4, 9, 5])
+    new = torch.tensor([7, 8, 9, 10])
+    deltas = token_deltas(subject, ids[rows, starts], new)
+    got = cache.run_edits(rows, starts, deltas, n_positions=6, output="final")
+    for b in range(len(rows)):
+        edited = ids[rows[b]].clone()
+        edited[starts[b]] = new[b]
+        want = subject.to_site(edited[None], LAYER)[0, starts[b] : starts[b] + 6]
+        torch.testing.assert_close(got[b, : len(want)], want, rtol=0, atol=1e-10)
+        assert got[b, len(want) :].isnan().all()  # past the sequence's end
+    with pytest.raises(ValueError, match="needs the run to reach the head"):
+        cache.run_edits(rows, starts, deltas, output="logits")
 
 
 def test_run_edits_rejects_bad_requests(tiny_llama):
