@@ -4,8 +4,10 @@ On the default model with an SAE of 16,384 latents (the built-in random TopK dic
 default parameters (64 positions x up to 32 latents, 8 + 8 controls per position, T = 16), prints:
   - the metric's wall time (target: under 2 minutes), split into planning (sampling, encoding, the
     contributions), the model above the site (time inside the seam's `UpperCache`: the clean run of the
-    windows and the edited suffixes on cached keys/values) and scoring (the rest: the LM head on the
-    logit differences, median, L1, L2), measured in one pass;
+    windows, the edited suffixes on cached keys/values) and scoring (the LM head's product W (h' - h), and
+    the median, L1, L2 of each row), measured in one pass;
+  - the floor: the matmul FLOPs of that work over the matmul rate measured in the same process, and how far
+    above it the run is;
   - the naive way, timed on the first `--naive-positions` positions' continuations in the same process and
     extrapolated per continuation: a full forward of the whole window per ablation (hooked at the site),
     full logits minus the clean window's, median-centred and reduced densely; and the seam without KV
@@ -71,31 +73,73 @@ def naive_effects(context, a: ablation.AblationPlan, n: int, n_future: int) -> d
     return {k: torch.cat([p[k] for p in parts]).reshape(n, n_future) for k in parts[0]}
 
 
-class ModelTimer:
-    """Seconds spent in the blocks above the site (the clean cache and the edited suffixes), by wrapping the
-    seam's `UpperCache` methods: the rest of `effects` is scoring (LM head, median, L1, L2)."""
+class PhaseTimer:
+    """Seconds inside the parts of `effects`, by wrapping them: the clean run above the site (`UpperCache`'s
+    constructor: every block's keys and values), the edited suffixes on cached keys (`_suffix_final`) and the
+    reduction (median, L1, L2: `median_centred_norms`).  The rest of `effects` is the LM head's product
+    W (h' - h) and the bookkeeping."""
+
+    PARTS = {"clean": (UpperCache, "__init__"), "suffix": (UpperCache, "_suffix_final")}
 
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds = dict.fromkeys([*self.PARTS, "reduce"], 0.0)
+
+    def _wrap(self, name, fn):
+        def timed_call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+
+        return timed_call
 
     def __enter__(self):
-        self._init, self._suffix = UpperCache.__init__, UpperCache._suffix_final
-
-        def wrap(fn):
-            def timed_call(*args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self.seconds += time.perf_counter() - t0
-
-            return timed_call
-
-        UpperCache.__init__, UpperCache._suffix_final = wrap(self._init), wrap(self._suffix)
+        self._saved = {name: getattr(owner, attr) for name, (owner, attr) in self.PARTS.items()}
+        for name, (owner, attr) in self.PARTS.items():
+            setattr(owner, attr, self._wrap(name, self._saved[name]))
+        self._reduce = ablation.median_centred_norms
+        ablation.median_centred_norms = self._wrap("reduce", self._reduce)
         return self
 
     def __exit__(self, *exc):
-        UpperCache.__init__, UpperCache._suffix_final = self._init, self._suffix
+        for name, (owner, attr) in self.PARTS.items():
+            setattr(owner, attr, self._saved[name])
+        ablation.median_centred_norms = self._reduce
+
+
+def matmul_rate(rows: int, d_in: int, d_out: int, repeats: int = 5) -> float:
+    """FLOP/s of a float32 (rows, d_in) x (d_in, d_out) product here, the best of `repeats`."""
+    a, w = torch.randn(rows, d_in), torch.randn(d_out, d_in)
+    out = torch.empty(rows, d_out)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, w.t(), out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * d_in * d_out / best
+
+
+def floor_seconds(context, a: ablation.AblationPlan, params) -> dict[str, float]:
+    """The matmul work of `effects` (FLOPs of the blocks' and the head's weights; attention scores, norms and
+    the reduction not counted) over the matmul rate measured now: the run's cost at this machine's peak."""
+    model, layer = context.model, context.layer
+    blocks = model.family.blocks[layer + 1 :]
+    block_flops = 2 * sum(p.numel() for p in blocks.parameters() if p.ndim == 2)  # per token row
+    head = model.family.head.weight
+    rows = len(a.windows) * params.n_future
+    clean_rows = len(torch.unique(a.windows)) * context.windows.shape[1]
+    mlp = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    block_rate = matmul_rate(4096, mlp[-1].in_features, mlp[-1].out_features)
+    head_rate = matmul_rate(ablation.head_chunk(model.vocab_size), head.shape[1], head.shape[0])
+    return {
+        "clean": clean_rows * block_flops / block_rate,
+        "suffix": rows * block_flops / block_rate,
+        "head": rows * 2 * head.numel() / head_rate,
+        "tflop": (clean_rows + rows) * block_flops / 1e12 + rows * 2 * head.numel() / 1e12,
+        "block_rate": block_rate / 1e9,
+        "head_rate": head_rate / 1e9,
+    }
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -138,20 +182,32 @@ def main() -> None:
     t_plan, a = timed(lambda: ablation.plan(context, sae, params), args.repeats)
     splits = []
     for _ in range(args.repeats):
-        with ModelTimer() as timer:
+        with PhaseTimer() as timer:
             t0 = time.perf_counter()
             norms = ablation.effects(context, a, params, progress=False)
-            splits.append((time.perf_counter() - t0, timer.seconds))
-    t_effects = statistics.median(t for t, _ in splits)
-    t_model = statistics.median(m for _, m in splits)
+            splits.append({"effects": time.perf_counter() - t0, **timer.seconds})
+    split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+    split["head"] = split["effects"] - split["clean"] - split["suffix"] - split["reduce"]
+    t_effects = split["effects"]
+    floor = floor_seconds(context, a, params)
     t_metric, result = timed(lambda: ablation.compute(context, sae, params), 1)
     n = len(a.windows)
     V = context.model.vocab_size
     print(f"{a.n_positions} positions, {n} continuations x T={params.n_future} positions x V={V}")
+    model_s, scoring_s = split["clean"] + split["suffix"], split["head"] + split["reduce"]
     print(
-        f"ours (median of {args.repeats}): plan {t_plan:.1f} s + model {t_model:.1f} s + scoring "
-        f"{t_effects - t_model:.1f} s = {t_plan + t_effects:.1f} s; the metric end to end {t_metric:.1f} s "
-        "(target < 120 s at 64 positions)"
+        f"ours (median of {args.repeats}): plan {t_plan:.1f} s + model {model_s:.1f} s (clean run above the "
+        f"site {split['clean']:.1f} s, edited suffixes {split['suffix']:.1f} s) + scoring {scoring_s:.1f} s "
+        f"(head W (h' - h) {split['head']:.1f} s, median/L1/L2 {split['reduce']:.1f} s) = "
+        f"{t_plan + t_effects:.1f} s; the metric end to end {t_metric:.1f} s (target < 120 s at 64 positions)"
+    )
+    total_floor = floor["clean"] + floor["suffix"] + floor["head"]
+    print(
+        f"floor: {floor['tflop']:.2f} TFLOP of matmuls at the rates measured now ({floor['block_rate']:.0f} "
+        f"GFLOP/s for the blocks' shapes, {floor['head_rate']:.0f} for the head's) = {total_floor:.1f} s "
+        f"(clean {floor['clean']:.1f}, suffixes {floor['suffix']:.1f}, head {floor['head']:.1f}); "
+        f"model + scoring is {t_effects / total_floor:.2f}x the floor (model "
+        f"{model_s / (floor['clean'] + floor['suffix']):.2f}x, head {split['head'] / floor['head']:.2f}x)"
     )
 
     # the naive ways on the first positions' continuations, per continuation
