@@ -11,6 +11,8 @@ with u the SAE-space input and x the raw residual:
     norm_ratio = mean_t ||x_hat_t|| / ||x_t||
 
 Sums are accumulated per window in float64; intervals resample windows (latents for the fractions).
+`details["nmse_windows"]` keeps nmse's per-window numerator and denominator, so the leaderboard's fits can
+resample the same windows across checkpoints (`saebench.leaderboard.fits`).
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ def compute(context: EvalContext, sae: SAE, params: CoreParams) -> MetricResult:
             "latents": n,
             "excluded_special_tokens": int((~context.mask).sum()),
         },
-        details={"firing_frequency_histogram": _log_histogram(freq)},
+        details={
+            "firing_frequency_histogram": _log_histogram(freq),
+            "nmse_windows": {"num": err_sae.tolist(), "den": spread_sae.per_window().tolist()},
+        },
     )
 
 
@@ -129,6 +134,9 @@ register(
         params=CoreParams,
         headline=("nmse", "l0", "dead_frac", "fvu_raw", "dense_frac", "norm_ratio"),
         lower_is_better=frozenset({"nmse", "fvu_raw", "dead_frac", "dense_frac"}),
+        compact=("nmse", "l0", "dead_frac"),
+        unranked=frozenset({"l0", "norm_ratio"}),
+        sae_space=frozenset({"nmse"}),
         plots=(
             Plot("nmse_vs_l0.png", "nmse", "nmse (SAE space)", log=True),
             Plot("dead_frac.png", "dead_frac", "dead fraction of latents", kind="bar"),

@@ -117,6 +117,17 @@ class Metric:
     claim_items: Callable[[list[str], dict], dict | None] | None = None
     #: leaderboard plots of this metric's values
     plots: tuple[Plot, ...] = ()
+    #: the values in the leaderboard's compact table and its against-n panels (default: the first headline)
+    compact: tuple[str, ...] = ()
+    #: values with no better direction (L0, a norm ratio): never bold, never ranked
+    unranked: frozenset[str] = frozenset()
+    #: values measured in the SAE's own input space (after its normalisation): rows compare only within
+    #: one space (`checkpoint.normalization` in each result file)
+    sae_space: frozenset[str] = frozenset()
+
+    @property
+    def compact_values(self) -> tuple[str, ...]:
+        return self.compact or self.headline[:1]
 
 
 _REGISTRY: dict[str, Metric] = {}

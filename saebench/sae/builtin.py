@@ -2,11 +2,16 @@
 
 They are baselines, not SAEs anyone trained: a row every metric can be compared against, available on a
 fresh machine without a trained checkpoint.  Both are fitted on training-split tokens (never the evaluation
-windows) and use a TopK code on (x - mu), with mu the mean activation:
+windows) and use a TopK code on (u - mu), with u the SAE-space input and mu its mean:
 
-    pca-topk     latents = the +/- principal directions of the activations (n = 2 d); TopK keeps the k
-                 largest |projections|, i.e. the best k-term reconstruction in the PCA basis.
+    pca-topk     latents = the +/- principal directions of u (n = 2 d); TopK keeps the k largest
+                 |projections|, i.e. the best k-term reconstruction in the PCA basis.
     random-topk  n random unit directions (encoder = decoder transpose); TopK as above.  A floor.
+
+The space u lives in is the reference trainer's by default (`space=layer_norm`: per-token layer norm,
+`saebench.train`'s `Normalization("layer_norm")`), so a baseline's nmse compares with the trained SAEs';
+`space=raw` fits the raw residuals (u = x; its nmse is then fvu_raw, dominated by the few huge residual
+directions).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saebench.sae.sae import SAE, SAEInfo
+from saebench.sae.sae import SAE, Normalization, SAEInfo
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -32,14 +37,25 @@ class BuiltinSpec:
     n: int = 16384
     #: training tokens the baseline is fitted on
     fit_tokens: int = 16384
+    #: input space: "layer_norm" (the reference trainer's per-token layer norm) or "raw" (no normalisation)
+    space: str = "layer_norm"
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise ValueError(f"unknown space {self.space!r} of builtin:{self.name}; one of {SPACES}")
 
     @property
     def label(self) -> str:
         size = "" if self.name == "pca-topk" else f"-n{self.n}"
-        return f"builtin-{self.name}{size}-k{self.k}"
+        space = "" if self.space == "layer_norm" else f"-{self.space}"
+        return f"builtin-{self.name}{space}{size}-k{self.k}"
+
+    def normalization(self) -> Normalization:
+        return Normalization("none" if self.space == "raw" else self.space)
 
 
 BUILDERS = ("pca-topk", "random-topk")
+SPACES = ("layer_norm", "raw")
 
 
 def is_builtin(checkpoint: str) -> bool:
@@ -52,18 +68,25 @@ def parse_builtin(checkpoint: str) -> BuiltinSpec:
     if name not in BUILDERS:
         available = ", ".join(BUILTIN_PREFIX + b for b in BUILDERS)
         raise ValueError(f"unknown built-in baseline {name!r}; available: {available}")
-    kwargs = {}
+    kwargs: dict = {}
     for item in filter(None, opts.split(",")):
         field_name, eq, value = item.partition("=")
+        if field_name == "space" and value in SPACES:
+            kwargs[field_name] = value
+            continue
         if field_name not in ("k", "n", "fit_tokens") or not eq or not value.isdigit():
-            raise ValueError(f"bad option {item!r} in {checkpoint!r}; use e.g. builtin:{name}:k=32,n=4096")
+            raise ValueError(
+                f"bad option {item!r} in {checkpoint!r}; use e.g. builtin:{name}:k=32,n=4096 "
+                f"(and space=raw for raw residuals; spaces: {', '.join(SPACES)})"
+            )
         kwargs[field_name] = int(value)
     return BuiltinSpec(name, **kwargs)
 
 
 def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> SAE:
-    """Fit the baseline on raw residuals `sample` (tokens, d)."""
-    x = sample.double()
+    """Fit the baseline on raw residuals `sample` (tokens, d), in the spec's input space."""
+    normalization = spec.normalization()
+    x, _ = normalization.apply(sample.double())
     d = x.shape[1]
     mu = x.mean(0)
     if spec.name == "pca-topk":
@@ -82,7 +105,7 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
         format="builtin",
         architecture=spec.name,
         path=BUILTIN_PREFIX + spec.name,
-        extra={"fit_tokens": len(x), "k": spec.k},
+        extra={"fit_tokens": len(x), "k": spec.k, "space": spec.space},
     )
     f = torch.float32
     return SAE(
@@ -93,5 +116,6 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
         activation="topk",
         k=spec.k,
         b_pre=mu.to(f),
+        normalization=normalization,
         info=info,
     )
