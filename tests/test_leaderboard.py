@@ -9,7 +9,22 @@ from saebench.leaderboard.claims import fit_power_law
 from saebench.results import RESULT_SCHEMA
 
 
-def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None, lr=None):
+def write(
+    folder,
+    label,
+    arch,
+    n,
+    k,
+    nmse,
+    l0,
+    dead,
+    variant=None,
+    delta_ce=None,
+    lr=None,
+    rel=0.1,
+    space=None,
+    windows=None,
+):
     # the ablation run's training config departs from the recipe: the leaderboard reads that from it
     config = {"activation": arch, "auxk_alpha": 0.0, "tied_init": False} if variant else {"activation": arch}
     config["lr"] = lr
@@ -21,6 +36,8 @@ def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None
         "sha256": label,
         "training": {"config": config},
     }
+    if space:
+        ck["normalization"] = space
     core = {
         "schema": RESULT_SCHEMA,
         "metric": "core",
@@ -28,11 +45,20 @@ def write(folder, label, arch, n, k, nmse, l0, dead, variant=None, delta_ce=None
         "headline": ["nmse", "l0", "dead_frac"],
         "lower_is_better": ["nmse", "dead_frac"],
         "values": {
-            "nmse": {"value": nmse, "lo": nmse * 0.9, "hi": nmse * 1.1, "n": 10, "unit": "windows"},
+            "nmse": {
+                "value": nmse,
+                "lo": nmse * (1 - rel),
+                "hi": nmse * (1 + rel),
+                "n": 10,
+                "unit": "windows",
+            },
             "l0": {"value": l0, "lo": l0, "hi": l0, "n": 10, "unit": "windows"},
             "dead_frac": {"value": dead, "lo": None, "hi": None, "n": n, "unit": "latents"},
         },
     }
+    if windows is not None:
+        core["details"] = {"nmse_windows": windows}
+        core["data_key"] = {"windows": "shared"}
     (folder / label).mkdir(parents=True)
     (folder / label / "core.json").write_text(json.dumps(core))
     if delta_ce is not None:
@@ -121,3 +147,169 @@ def test_power_law_is_fitted_per_topk_family_and_lr_variants_stay_out_of_the_dea
     assert lines[2].startswith("  - topk (lr 0.0005), k=32:") and "falls with n" in lines[2]
     dead = claim_dead_latents(rows)
     assert "over 3 checkpoints" in dead and "0.5000" not in dead
+
+
+# --- fits ------------------------------------------------------------------------------------------
+def _inside(coef, truth):
+    return coef.lo <= truth <= coef.hi
+
+
+def test_ln_fit_recovers_planted_coefficients_from_result_files(tmp_path):
+    from saebench.leaderboard.fits import ln_fits
+
+    for n in (1024, 2048, 4096, 8192, 16384, 32768):
+        write(tmp_path, f"topk-n{n}-k32", "topk", n, 32, 3.0 * n**-0.5 + 0.05, 32, 0.0, rel=0.01)
+    (fit,) = ln_fits(collect_rows([tmp_path]), "topk")
+    assert fit.flag is None and fit.resampling == "normal approximation"
+    for name, truth in (("a", 3.0), ("b", -0.5), ("c", 0.05)):
+        assert _inside(fit.coef[name], truth), (name, fit.coef[name])
+    assert fit.coef["b"].value == pytest.approx(-0.5, abs=0.01)
+    assert fit.curve([4096])[0] == pytest.approx(3.0 / 64 + 0.05, rel=1e-3)
+
+
+PLANTED = {"alpha": 1.0, "beta_k": -0.3, "beta_n": -0.25, "gamma": -0.03, "zeta": -2.5, "eta": -0.3}
+
+
+def _planted(n, k):
+    from saebench.leaderboard.fits import JOINT_NAMES, joint_law
+
+    params = np.array([PLANTED[c] for c in JOINT_NAMES])
+    return float(joint_law(params, np.array([float(n)]), np.array([float(k)]))[0])
+
+
+def test_lnk_fit_recovers_planted_coefficients_from_result_files(tmp_path):
+    from saebench.leaderboard.fits import lnk_fit
+
+    for k in (8, 16, 32, 64):
+        for n in (2048, 4096, 8192, 16384, 32768, 65536):
+            write(tmp_path, f"topk-n{n}-k{k}", "topk", n, k, _planted(n, k), k, 0.0, rel=0.01)
+    fit = lnk_fit(collect_rows([tmp_path]), "topk", n_boot=100)
+    assert fit.flag is None and len(fit.points) == 24
+    for name, truth in PLANTED.items():
+        assert _inside(fit.coef[name], truth), (name, fit.coef[name])
+        assert fit.coef[name].value == pytest.approx(truth, abs=0.02)
+    assert fit.coef["gamma"].below_zero and fit.coef["eta"].below_zero
+
+
+def test_fits_resample_the_windows_when_the_result_files_keep_them(tmp_path):
+    from saebench.leaderboard.fits import ln_fits
+
+    rng = np.random.default_rng(0)
+    shared = rng.uniform(0.8, 1.2, 200)  # one window set, scored by every checkpoint: errors move together
+    for n in (1024, 2048, 4096, 8192, 16384):
+        nmse = 3.0 * n**-0.5 + 0.05
+        den = rng.uniform(50, 150, 200)
+        num = den * nmse * shared * (1 + 0.002 * rng.standard_normal(200))
+        num *= nmse * den.sum() / num.sum()  # the file's nmse is exactly the planted one
+        windows = {"num": num.tolist(), "den": den.tolist()}
+        write(tmp_path, f"topk-n{n}", "topk", n, 32, nmse, 32, 0.0, rel=0.05, windows=windows)
+    (fit,) = ln_fits(collect_rows([tmp_path]), "topk")
+    assert fit.resampling == "windows" and fit.flag is None
+    assert _inside(fit.coef["b"], -0.5) and fit.coef["b"].hi - fit.coef["b"].lo < 0.3
+
+
+def test_a_fit_on_too_few_or_too_noisy_points_is_flagged(tmp_path):
+    from saebench.leaderboard.fits import fits_section, ln_fits, lnk_fit
+
+    for n in (1024, 2048, 4096):
+        write(tmp_path / "few", f"topk-n{n}", "topk", n, 32, 3.0 * n**-0.5 + 0.05, 32, 0.0)
+    rows = collect_rows([tmp_path / "few"])
+    assert ln_fits(rows, "topk")[0].flag.startswith("too few points: 3 sizes n")
+    assert lnk_fit(rows, "topk").flag.startswith("too few points")
+    text = fits_section(rows)
+    assert "flagged: too few points" in text and "a n^b + c needs 4 or more" in text
+    for n, wiggle in zip((1024, 2048, 4096, 8192, 16384), (0, 0.004, -0.002, 0.003, -0.003), strict=True):
+        write(tmp_path / "noisy", f"topk-n{n}", "topk", n, 32, 0.3 + wiggle, 32, 0.0, rel=0.2)
+    (noisy,) = ln_fits(collect_rows([tmp_path / "noisy"]), "topk")
+    assert noisy.flag and noisy.flag.split(":")[0] in (
+        "too noisy",
+        "nmse does not fall with n (the best a n^b + c has a <= 0)",
+    )
+    assert "no law" in noisy.law_text()
+
+
+# --- tables ------------------------------------------------------------------------------------------
+def test_compact_table_bolds_the_best_and_marks_ties(tmp_path):
+    from saebench.leaderboard.tables import TIE, best_and_ties, compact_table
+
+    write(tmp_path, "best", "topk", 4096, 32, 0.200, 32, 0.0, rel=0.05)  # [0.19, 0.21]
+    write(tmp_path, "tied", "topk", 2048, 32, 0.215, 32, 0.0, rel=0.05)  # [0.204, 0.226]: overlaps
+    write(tmp_path, "apart", "topk", 1024, 32, 0.300, 32, 0.0, rel=0.05)  # [0.285, 0.315]
+    rows = collect_rows([tmp_path])
+    assert best_and_ties(rows, ("core", "nmse")) == ("best", {"tied"})
+    assert best_and_ties(rows, ("core", "l0")) == (None, set())  # L0 has no better direction
+    lines = {line.split("|")[1].strip(): line for line in compact_table(rows).splitlines()[2:]}
+    assert "**0.2**" in lines["best"] and f"0.215 {TIE}" in lines["tied"]
+    assert "0.3 " in lines["apart"] and TIE not in lines["apart"] and "**" not in lines["apart"].split("|")[6]
+    assert [line.split("|")[1].strip() for line in compact_table(rows).splitlines()[2:]] == [
+        "best",
+        "tied",
+        "apart",
+    ]
+
+
+def test_a_row_in_another_nmse_space_is_flagged_and_left_out(tmp_path):
+    from saebench.leaderboard import for_comparison, space_warnings
+    from saebench.leaderboard.tables import OFF_SPACE, compact_table
+
+    for n in (1024, 2048, 4096):
+        write(tmp_path, f"topk-n{n}", "topk", n, 32, 0.3 - 0.01 * n / 1024, 32, 0.0, space="layer_norm")
+    write(tmp_path, "builtin-pca-topk-raw-k32", "pca-topk", 1152, 32, 0.03, 32, 0.1, space="none")
+    rows = collect_rows([tmp_path])
+    (warning,) = space_warnings(rows)
+    assert "builtin-pca-topk-raw-k32's core.nmse is in raw space" in warning and "layer_norm space" in warning
+    table_lines = compact_table(rows, "core.nmse").splitlines()[2:]
+    assert table_lines[-1].split("|")[1].strip() == "builtin-pca-topk-raw-k32"  # listed last despite 0.03
+    assert f"0.03 {OFF_SPACE}" in table_lines[-1] and "**0.26**" in table_lines[0]
+    compared = {r.label: r for r in for_comparison(rows)}
+    assert compared["builtin-pca-topk-raw-k32"].get("core", "nmse") is None
+    assert compared["builtin-pca-topk-raw-k32"].get("core", "dead_frac") == 0.1
+    text = generate([tmp_path], tmp_path / "lb").read_text()
+    assert warning in text and "| raw " in text
+
+
+# --- plots ------------------------------------------------------------------------------------------
+def test_plots_are_made_from_fixture_results_with_one_line_per_family_and_n(results, tmp_path):
+    from saebench.leaderboard.plots import nice_log_ticks, vs_l0_figure
+    from saebench.metrics.registry import get_metric
+
+    rows = collect_rows([results])
+    plot = next(p for p in get_metric("core").plots if p.file == "nmse_vs_l0.png")
+    fig = vs_l0_figure(rows, "core", plot)
+    series = [line for line in fig.axes[0].get_lines() if line.get_gid() == "series"]
+    # topk at n = 1024 (k 16 and 32: one line of 2 points), 2048, 4096, 8192; relu n=1024; the variant
+    assert len(series) == 6
+    assert sorted(len(line.get_xdata()) for line in series) == [1, 1, 1, 1, 1, 2]
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert "16" in labels and "32" in labels and not any("^" in t or "times" in t for t in labels)
+    assert nice_log_ticks(2048, 16384) == [2048, 4096, 8192, 16384]
+    out = tmp_path / "lb"
+    generate([results], out)
+    for name in ("nmse_vs_l0", "metrics_vs_n", "nmse_vs_n_fits", "delta_ce_vs_l0"):
+        assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.svg").stat().st_size > 1000
+
+
+def test_fits_figure_draws_the_fitted_law_over_its_points(tmp_path):
+    from saebench.leaderboard.plots import fits_figure
+
+    for n in (1024, 2048, 4096, 8192, 16384):
+        write(tmp_path, f"topk-n{n}", "topk", n, 32, 3.0 * n**-0.5 + 0.05, 32, 0.0, rel=0.01)
+    ax = fits_figure(collect_rows([tmp_path])).axes[0]
+    assert [line.get_gid() for line in ax.get_lines()].count("fit") == 1  # L(N); L(N, K) needs 3 k's
+    assert [line.get_gid() for line in ax.get_lines()].count("series") == 1
+
+
+# --- claims ------------------------------------------------------------------------------------------
+def test_claims_table_verdicts_follow_the_rule(results, tmp_path):
+    from saebench.leaderboard.claims import FAILS, HOLDS, UNMEASURED, UNSEPARATED, claims_table, verdict
+
+    assert verdict(3, 0, 4) == HOLDS and verdict(2, 0, 4) == UNSEPARATED and verdict(5, 1, 6) == FAILS
+    assert verdict(0, 0, 0) == UNMEASURED
+    table = {row[0]: row for row in claims_table(collect_rows([results]))}
+    frontier = table["TopK beats ReLU on the nmse-L0 frontier."]
+    assert frontier[3] == f"**{HOLDS}**" and "1 of 1 ReLU checkpoints" in frontier[2]
+    for n in (1024, 2048, 4096, 8192):
+        write(tmp_path / "rising", f"topk-n{n}", "topk", n, 32, 0.2 + 0.05 * n / 1024, 32, 0.0, rel=0.01)
+    rising = {row[0]: row for row in claims_table(collect_rows([tmp_path / "rising"]))}
+    power = rising["nmse falls as a power law in n with an irreducible term. (topk)"]
+    assert power[3] == f"**{FAILS}**" and "nmse rises from 0.2500" in power[2]

@@ -1,20 +1,28 @@
-"""`saebench leaderboard`: a markdown table and plots generated from result files alone.
+"""`saebench leaderboard`: tables, plots, scaling-law fits and the paper's claims from result files alone.
 
-One row per checkpoint; one column per headline value of every metric found in the files, and the plots
-each metric declares (`Metric.plots`): a new metric adds columns and plots without a change here.
-`results.csv` beside them holds every value of every file as data (`saebench.results.load_results`).  A
-section checks claims of Gao et al. (2024) on the checkpoints present (`saebench.leaderboard.claims`).
+One row per checkpoint.  `tables`: a compact table of each metric's compact values (`Metric.compact`, best
+in bold, ties marked) and the full table of every headline value with its interval; `plots`: the plots
+each metric declares (`Metric.plots`) drawn as lines per (family, n), every compact value against n, and
+the fitted scaling laws (`fits`) over their points; `claims`: claims of Gao et al. (2024) with a verdict
+each.  A new metric adds columns, panels and plots without a change here.  `results.csv` beside them holds
+every value of every file as data (`saebench.results.load_results`).
+
+Values a metric declares as measured in the SAE's own input space (`Metric.sae_space`: core's nmse) compare
+only between rows in one space (`Row.space`, from the checkpoint's input normalisation): rows in another
+space than the majority are listed last, marked, and left out of the plots, fits and claims.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import json
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from saebench.data.cache import atomic_write_bytes
 from saebench.results import iter_results, load_results
-from saebench.summary import format_estimate
+
+SPACES = {"none": "raw", "constant": "raw", "layer_norm": "layer_norm", "token_norm": "token_norm"}
 
 
 @dataclass
@@ -28,6 +36,10 @@ class Row:
     #: {metric: headline value names}
     headline: dict[str, list] = field(default_factory=dict)
     lower_is_better: set = field(default_factory=set)
+    #: {metric: the result's details}
+    details: dict[str, dict] = field(default_factory=dict)
+    #: {metric: the result's data_key as JSON}: which evaluation windows it was scored on
+    data_keys: dict[str, str] = field(default_factory=dict)
 
     def get(self, metric: str, name: str) -> float | None:
         v = self.values.get(metric, {}).get(name)
@@ -41,6 +53,15 @@ class Row:
         arch = str(self.checkpoint.get("architecture", "?")).lower()
         arch = {"standard": "relu"}.get(arch, arch)
         return f"{arch} ({variant})" if variant else arch
+
+    @property
+    def space(self) -> str:
+        """The input space its SAE-space values (nmse) are measured in: raw, layer_norm, token_norm.
+
+        A constant rescaling leaves a ratio like nmse unchanged, so it counts as raw.
+        """
+        kind = self.checkpoint.get("normalization")
+        return SPACES.get(kind, str(kind)) if kind else "unknown"
 
 
 def _training_variant(config: dict) -> str | None:
@@ -66,6 +87,8 @@ def collect_rows(result_dirs: list[Path]) -> list[Row]:
             row.values[r["metric"]] = r["values"]
             row.headline[r["metric"]] = r.get("headline", list(r["values"]))
             row.lower_is_better |= {f"{r['metric']}.{n}" for n in r.get("lower_is_better", [])}
+            row.details[r["metric"]] = r.get("details") or {}
+            row.data_keys[r["metric"]] = json.dumps(r.get("data_key"), sort_keys=True)
     return list(rows.values())
 
 
@@ -81,105 +104,64 @@ def points(
     return sorted(pts, key=lambda p: p[0])
 
 
-def columns(rows: list[Row]) -> list[tuple[str, str]]:
-    from saebench.metrics.registry import metric_names
-
-    order = metric_names()
-    metrics = sorted(
-        {m for r in rows for m in r.headline}, key=lambda m: (order.index(m) if m in order else 99, m)
-    )
-    cols = []
-    for m in metrics:
-        names = next(r.headline[m] for r in rows if m in r.headline)
-        cols += [(m, n) for n in names]
-    return cols
-
-
-def table(rows: list[Row], sort: str | None = None) -> str:
-    from tabulate import tabulate
-
-    cols = columns(rows)
-    if sort:
-        metric, _, name = sort.partition(".")
-        if (metric, name) not in cols:
-            raise ValueError(f"cannot sort by {sort!r}; available: {', '.join(f'{m}.{n}' for m, n in cols)}")
-        descending = sort not in {key for r in rows for key in r.lower_is_better}
-        rows = sorted(
-            rows,
-            key=lambda r: (
-                r.get(metric, name) is None,
-                -(r.get(metric, name) or 0) if descending else (r.get(metric, name) or 0),
-            ),
-        )
-    headers = ["checkpoint", "arch", "n", "k", "train tokens", *[f"{m}.{n}" for m, n in cols]]
-    body = []
-    for r in rows:
-        c = r.checkpoint
-        tokens = (c.get("training") or {}).get("tokens_seen", "")
-        cells = [r.label, r.family, c.get("n_latents", ""), c.get("k") or "", tokens]
-        for m, n in cols:
-            v = r.values.get(m, {}).get(n)
-            cells.append(format_estimate(v) if v else "")
-        body.append(cells)
-    return tabulate(body, headers=headers, tablefmt="github")
-
-
-# --- plots --------------------------------------------------------------------------------------------------
-def plots(rows: list[Row], out: Path) -> list[str]:
-    """The plots the registered metrics declare, for the values present: value-vs-L0 plots, then bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+# --- which values compare across rows -----------------------------------------------------------------------
+def sae_space_values() -> set[tuple[str, str]]:
+    """(metric, value) pairs measured in each SAE's own input space, as the metrics declare them."""
     from saebench.metrics.registry import metrics
 
-    made = []
-    declared = [(m.name, plot) for m in metrics() for plot in m.plots]
-    families = sorted({r.family for r in rows})
-    for metric, plot in (d for d in declared if d[1].kind == "vs_l0"):
-        y = (metric, plot.value)
-        if not any(r.get(*y) is not None and r.get(*plot.against) for r in rows):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for fam in families:
-            pts = points(rows, fam, y, plot.against)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=fam)
-        ax.set_xscale("log")
-        if plot.log:
-            ax.set_yscale("log")
-        ax.set_xlabel(plot.against_label)
-        ax.set_ylabel(plot.label)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        _save_fig(fig, out / plot.file)
-        plt.close(fig)
-        made.append(plot.file)
-    for metric, plot in (d for d in declared if d[1].kind == "bar"):
-        bars = [(r.label, r.get(metric, plot.value)) for r in rows if r.get(metric, plot.value) is not None]
-        if not bars:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 0.3 * len(bars) + 1.2))
-        ax.barh([b[0] for b in bars], [b[1] for b in bars])
-        ax.set_xlabel(plot.label)
-        ax.tick_params(axis="y", labelsize=7)
-        fig.tight_layout()
-        _save_fig(fig, out / plot.file)
-        plt.close(fig)
-        made.append(plot.file)
-    return made
+    return {(m.name, v) for m in metrics() for v in m.sae_space}
 
 
-def _save_fig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+def majority_space(rows: list[Row]) -> str | None:
+    """The input space most rows with SAE-space values are in (ties: the reference trainer's, layer_norm)."""
+    own = sae_space_values()
+    spaces = [r.space for r in rows if any(r.get(m, v) is not None for m, v in own)]
+    if not spaces:
+        return None
+    return max(sorted(set(spaces)), key=lambda s: (spaces.count(s), s == "layer_norm"))
+
+
+def off_space(rows: list[Row]) -> list[Row]:
+    """Rows whose SAE-space values are in another space than the majority's."""
+    own, space = sae_space_values(), majority_space(rows)
+    return [r for r in rows if r.space != space and any(r.get(m, v) is not None for m, v in own)]
+
+
+def for_comparison(rows: list[Row]) -> list[Row]:
+    """The rows with the SAE-space values of off-space rows removed: what plots, fits and claims use."""
+    own, away = sae_space_values(), {r.label for r in off_space(rows)}
+    out = []
+    for r in rows:
+        if r.label in away:
+            values = {m: {n: v for n, v in vals.items() if (m, n) not in own} for m, vals in r.values.items()}
+            r = replace(r, values=values)
+        out.append(r)
+    return out
+
+
+def space_warnings(rows: list[Row]) -> list[str]:
+    own = ", ".join(sorted(f"{m}.{v}" for m, v in sae_space_values()))
+    space = majority_space(rows)
+    return [
+        f"warning: {r.label}'s {own} is in {r.space} space, the other rows' in {space} space: not "
+        "comparable, so it is listed last, marked †, and left out of the plots, fits and claims"
+        for r in off_space(rows)
+    ]
+
+
+# --- the README ---------------------------------------------------------------------------------------------
+LEGEND = (
+    "**Bold**: the best value of a column (lowest or highest, as the metric declares); `≈`: tied with the "
+    "best (its 95% interval overlaps the best's); `†`: in another input space than the rest (not ranked). "
+    "Columns without a better direction (L0) are never marked."
+)
 
 
 def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Path:
-    from saebench.leaderboard.claims import CLAIMS
+    from saebench.leaderboard.claims import claims_section
+    from saebench.leaderboard.fits import fits_section
+    from saebench.leaderboard.plots import plots
+    from saebench.leaderboard.tables import compact_table, table
 
     rows = collect_rows(result_dirs)
     if not rows:
@@ -187,26 +169,55 @@ def generate(result_dirs: list[Path], out: Path, sort: str | None = None) -> Pat
             f"no result files under {', '.join(map(str, result_dirs))}: run `saebench run` first"
         )
     rows_table = table(rows, sort)  # an unknown --sort stops here, before anything is written
+    warnings = space_warnings(rows)
+    for w in warnings:
+        print(f"saebench: {w}", file=sys.stderr)
+    compared = for_comparison(rows)
     out.mkdir(parents=True, exist_ok=True)
-    images = plots(rows, out)
+    images = plots(compared, out)
+    space = majority_space(rows)
     parts = [
         "# Leaderboard",
         "",
         f"Generated by `saebench leaderboard` from {sum(len(r.values) for r in rows)} result files "
         f"({len(rows)} checkpoints). Values: estimate [95% bootstrap interval].",
-        "`core.nmse` is measured in each SAE's own input space (after its input normalisation, e.g. "
-        "per-token layer norm); `core.fvu_raw`, the same ratio in raw residual space, compares across them.",
+        "`core.nmse` is measured in each SAE's own input space (after its input normalisation; the `space` "
+        f"column): rows compare in {space or 'one'} space, where the reference trainer's SAEs are. "
+        "`core.fvu_raw`, the same ratio in raw residual space, compares across spaces.",
+        "",
+        *(f"> {w}" for w in warnings),
+        *([""] if warnings else []),
+        "## Headline values",
+        "",
+        LEGEND,
+        "",
+        compact_table(rows, sort),
+        "",
+        "<details><summary>Every headline value with its 95% interval (also in results.csv)</summary>",
         "",
         rows_table,
         "",
+        "</details>",
+        "",
         "## Paper claims, measured here",
         "",
-        *(f"- **{title}** {claim(rows)}" for title, claim in CLAIMS),
+        claims_section(compared),
+        "",
+        "## Scaling laws",
+        "",
+        fits_section(compared),
         "",
     ]
     if images:
-        parts += ["## Plots", ""] + [f"![{i}]({i})" for i in images] + [""]
+        parts += ["## Plots", "", "Each also as SVG beside it.", ""] + [f"![{i}]({i})" for i in images] + [""]
     atomic_write_bytes(out / "results.csv", load_results(result_dirs).to_csv(index=False).encode())
     path = out / "README.md"
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path
+
+
+def table(rows: list[Row], sort: str | None = None) -> str:
+    """The full table (every headline value with its interval); see `saebench.leaderboard.tables`."""
+    from saebench.leaderboard.tables import table as full_table
+
+    return full_table(rows, sort)

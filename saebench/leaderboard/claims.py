@@ -1,18 +1,77 @@
 """The claims of Gao et al. (2024) that the leaderboard checks on the checkpoints present.
 
-Each claim is a function of the leaderboard's rows that returns one markdown paragraph: what was measured
-and the verdict, or what is missing to measure it.  `CLAIMS` lists them in the order they are printed.
+Each `claim_*` function of the leaderboard's rows returns one markdown paragraph: what was measured, or
+what is missing to measure it.  Each `Claim` in `CLAIMS` pairs it with the paper's finding and a `measure`
+that returns `Verdict`s: our number with its interval and a verdict computed by one rule (`verdict`):
+
+    each comparison the claim rests on (a checkpoint against its control, a size against another, a fitted
+    coefficient against 0) is *for* the claim when the 95% intervals are apart in the claim's direction,
+    *against* it when they are apart the other way, and unseparated otherwise;
+    any comparison against          -> "does not hold here"
+    else more than half of them for -> "holds"
+    else                            -> "not separated at this budget"
+    no comparison possible          -> "not measured"
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from saebench.leaderboard import Row, points
+from saebench.leaderboard.fits import fit_power_law, scaling_fits
+
+HOLDS, FAILS, UNSEPARATED, UNMEASURED = (
+    "holds",
+    "does not hold here",
+    "not separated at this budget",
+    "not measured",
+)
+
+
+@dataclass
+class Verdict:
+    """Our number with its interval, and the verdict of the rule in the module docstring."""
+
+    number: str
+    verdict: str
+    #: which rows the verdict is about (a family), when the claim is measured per family
+    scope: str = ""
+
+
+def verdict(favour: int, against: int, total: int) -> str:
+    if total == 0:
+        return UNMEASURED
+    if against:
+        return FAILS
+    return HOLDS if 2 * favour > total else UNSEPARATED
+
+
+def _side(claimed_below: tuple, other: tuple) -> int:
+    """+1 when `claimed_below`'s interval lies below `other`'s, -1 when above, 0 when they overlap."""
+    lo, hi = _lohi(claimed_below)
+    olo, ohi = _lohi(other)
+    return 1 if hi < olo else -1 if lo > ohi else 0
+
+
+def _lohi(est: tuple) -> tuple[float, float]:
+    value, lo, hi = est
+    return (value if lo is None else lo, value if hi is None else hi)
+
+
+def _unmeasured(text: str) -> Verdict:
+    return Verdict(text.removeprefix("not measured: "), UNMEASURED)
+
 
 L0 = ("core", "l0")
+
+
+def _interval(row: Row, metric: str, name: str) -> tuple[float, float | None, float | None] | None:
+    v = row.values.get(metric, {}).get(name)
+    return None if v is None else (v["value"], v.get("lo"), v.get("hi"))
 
 
 def _xy(rows: list[Row], family: str, y: tuple[str, str]) -> list[tuple[float, float, Row]]:
@@ -117,20 +176,6 @@ def claim_dead_latents(rows: list[Row]) -> str:
     return text
 
 
-def fit_power_law(n: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares fit of y = a n^b + c (c >= 0), by a grid over b and linear least squares for a, c."""
-    best = None
-    for b in np.linspace(-2.0, -0.01, 400):
-        A = np.stack([n**b, np.ones_like(n)], 1)
-        (a, c), *_ = np.linalg.lstsq(A, y, rcond=None)
-        if c < 0:  # the irreducible term is not negative
-            a, c = float(np.linalg.lstsq(A[:, :1], y, rcond=None)[0][0]), 0.0
-        err = float(((a * n**b + c - y) ** 2).sum())
-        if best is None or err < best[0]:
-            best = (err, float(a), float(b), float(c))
-    return best[1], best[2], best[3]
-
-
 def claim_power_law(rows: list[Row]) -> str:
     """Fit a n^b + c to nmse over n per k, for each TopK family (the recipe, and variants like a fixed lr)."""
     groups: dict[tuple[str, int], list[Row]] = {}
@@ -153,11 +198,6 @@ def claim_power_law(rows: list[Row]) -> str:
     if not lines:
         return "not measured: needs TopK checkpoints at 3 or more sizes n for one k"
     return "fit of a n^b + c to nmse over n (TopK, per k):\n" + "\n".join(lines)
-
-
-def _interval(row: Row, metric: str, name: str) -> tuple[float, float | None, float | None] | None:
-    v = row.values.get(metric, {}).get(name)
-    return None if v is None else (v["value"], v.get("lo"), v.get("hi"))
 
 
 def _fmt(est: tuple[float, float | None, float | None]) -> str:
@@ -292,16 +332,357 @@ def claim_n2g_with_k(rows: list[Row]) -> str:
     return "n2g_f1 (TopK) as k grows at fixed n:\n" + "\n".join(lines)
 
 
+# --- verdicts -----------------------------------------------------------------------------------------------
+def _interp_est(env: list[tuple], x: float) -> tuple | None:
+    """Log-log interpolation of (value, lo, hi) along an envelope of (x, (value, lo, hi)) points."""
+    xs = np.log([p[0] for p in env])
+    lx = math.log(x)
+    if len(xs) < 2 or lx < xs[0] - 1e-9 or lx > xs[-1] + 1e-9:
+        return None
+    out = []
+    for i in range(3):
+        ys = [p[1][i] if p[1][i] is not None else p[1][0] for p in env]
+        out.append(float(np.exp(np.interp(lx, xs, np.log(ys)))))
+    return tuple(out)
+
+
+def measure_topk_frontier(rows: list[Row]) -> Verdict:
+    nmse = ("core", "nmse")
+    relu, topk = _xy(rows, "relu", nmse), _xy(rows, "topk", nmse)
+    if not relu or len(topk) < 2:
+        return _unmeasured(claim_topk_frontier(rows))
+    sides, closest = [], None
+    for l0, v, r in relu:
+        n = r.checkpoint.get("n_latents")
+        t = [p for p in topk if p[2].checkpoint.get("n_latents") == n] or topk
+        env, best = [], None
+        for x, y, tr in sorted(t, key=lambda p: p[0]):
+            if best is None or y < best:
+                env.append((x, _interval(tr, *nmse)))
+                best = y
+        ours = _interval(r, *nmse)
+        theirs = _interp_est(env, l0)
+        if theirs is None:
+            better = [p for p in t if p[0] <= l0 and p[1] < v]
+            if not better:
+                continue
+            theirs = _interval(min(better, key=lambda p: p[1])[2], *nmse)
+        sides.append(_side(theirs, ours))
+        ratio = ours[0] / theirs[0]
+        if closest is None or ratio < closest[0]:
+            closest = (ratio, r.label, ours, theirs)
+    if not sides:
+        return Verdict("no ReLU checkpoint inside the TopK L0 range or dominated", UNMEASURED)
+    favour, against = sides.count(1), sides.count(-1)
+    _, label, ours, theirs = closest
+    number = (
+        f"TopK below ReLU (intervals apart) at {favour} of {len(sides)} ReLU checkpoints; closest: {label} "
+        f"{_fmt(ours)} vs TopK {_fmt(theirs)}"
+    )
+    return Verdict(number, verdict(favour, against, len(sides)))
+
+
+def measure_dead_latents(rows: list[Row]) -> Verdict:
+    dead = ("core", "dead_frac")
+    recipe = [r for r in rows if r.family == "topk" and r.get(*dead) is not None]
+    variants = [
+        r
+        for r in rows
+        if r.family.startswith("topk (")
+        and ("AuxK" in r.family or "untied" in r.family)
+        and r.get(*dead) is not None
+    ]
+    pairs = []
+    for r in variants:
+        twin = [
+            t
+            for t in recipe
+            if (t.checkpoint.get("n_latents"), t.checkpoint.get("k"))
+            == (r.checkpoint.get("n_latents"), r.checkpoint.get("k"))
+        ]
+        if twin:
+            pairs.append((r, twin[0]))
+    if not pairs:
+        return Verdict(
+            "needs a TopK run without AuxK / tied init beside the recipe at the same n and k", UNMEASURED
+        )
+    sides = [_side(_interval(t, *dead), _interval(r, *dead)) for r, t in pairs]
+    number = "; ".join(
+        f"dead fraction {t.label} {_fmt(_interval(t, *dead))} vs {r.label} {_fmt(_interval(r, *dead))}"
+        for r, t in pairs
+    )
+    return Verdict(number, verdict(sides.count(1), sides.count(-1), len(sides)))
+
+
+def _families_fitted(rows: list[Row]):
+    return scaling_fits(rows)
+
+
+def measure_power_law(rows: list[Row]) -> list[Verdict]:
+    out = []
+    for ff in _families_fitted(rows):
+        sides, parts = [], []
+        for f in ff.ln:
+            if len({p.n for p in f.points}) < 2:
+                continue
+            first, last = f.points[0], f.points[-1]
+            rise = _side((first.value, first.lo, first.hi), (last.value, last.lo, last.hi))
+            if f.flag is None:
+                sides.append(1)
+                parts.append(f"k={f.k}: b = {f.coef['b']}, c = {f.coef['c']}")
+            else:
+                sides.append(-1 if rise == 1 else 0)
+                moved = "rises" if last.value > first.value else "falls"
+                parts.append(
+                    f"k={f.k}: nmse {moved} from {_fmt((first.value, first.lo, first.hi))} at n={first.n} to "
+                    f"{_fmt((last.value, last.lo, last.hi))} at n={last.n}; no law ({f.flag.split(':')[0]})"
+                )
+        if sides:
+            out.append(
+                Verdict("; ".join(parts), verdict(sides.count(1), sides.count(-1), len(sides)), ff.family)
+            )
+    return out or [Verdict("needs TopK checkpoints at 4 or more sizes n for one k", UNMEASURED)]
+
+
+def _joint_coefficient(rows: list[Row], name: str, meaning: str) -> list[Verdict]:
+    out = []
+    for ff in _families_fitted(rows):
+        f = ff.lnk
+        if f.flag and f.flag.startswith("too few"):
+            out.append(Verdict(f"L(N, K) not fitted: {f.flag}", UNMEASURED, ff.family))
+        elif f.flag and f.flag.startswith("nmse does not fall"):
+            out.append(Verdict(f"no falling L(N, K) to read {name} from: {f.flag}", UNMEASURED, ff.family))
+        elif f.flag:
+            out.append(Verdict(f"L(N, K) flagged: {f.flag}", UNSEPARATED, ff.family))
+        else:
+            c = f.coef[name]
+            side = 1 if c.below_zero else -1 if c.above_zero else 0
+            out.append(Verdict(f"{name} = {c} ({meaning})", verdict(side == 1, side == -1, 1), ff.family))
+    return out or [Verdict("needs TopK checkpoints at 3 or more n and 3 or more k", UNMEASURED)]
+
+
+def measure_steeper_with_k(rows: list[Row]) -> list[Verdict]:
+    return _joint_coefficient(rows, "gamma", "the exponent of n is beta_n + gamma log k")
+
+
+def measure_irreducible_with_k(rows: list[Row]) -> list[Verdict]:
+    return _joint_coefficient(rows, "eta", "the irreducible term is exp(zeta + eta log k)")
+
+
+def measure_ablation_sparsity(rows: list[Row]) -> Verdict:
+    sides, worst = [], None
+    for r in rows:
+        latent = _interval(r, "ablation", "ablation_sparsity")
+        residual = _interval(r, "ablation", "ablation_sparsity_residual")
+        if latent is None or residual is None:
+            continue
+        sides.append(_side(latent, residual))
+        ratio = latent[0] / residual[0] if residual[0] else math.inf
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, r.label, latent, residual)
+    if not sides:
+        return _unmeasured(claim_ablation_sparsity(rows))
+    _, label, latent, residual = worst
+    number = (
+        f"sparser than the residual channel at {sides.count(1)} of {len(sides)} checkpoints; least: {label} "
+        f"{_fmt(latent)} vs {_fmt(residual)}"
+    )
+    return Verdict(number, verdict(sides.count(1), sides.count(-1), len(sides)))
+
+
+def measure_shrinkage(rows: list[Row]) -> Verdict:
+    one = (1.0, 1.0, 1.0)
+    sides, parts = [], []
+    for r in rows:
+        scale = _interval(r, "shrinkage", "activation_scale")
+        if scale is None or r.family.split(" (")[0] not in ("relu", "topk"):
+            continue
+        if r.family.startswith("relu"):
+            sides.append(_side(one, scale))  # the claim: ReLU's scale lies above 1
+        else:
+            sides.append(-1 if _lohi(scale)[0] > 1 else 1)  # the claim: TopK's does not
+        parts.append(f"{r.label} {_fmt(scale)}")
+    if not sides:
+        return _unmeasured(claim_shrinkage(rows))
+    return Verdict(
+        "activation_scale " + "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else ""),
+        verdict(sides.count(1), sides.count(-1), len(sides)),
+    )
+
+
+def measure_n2g_precision_recall(rows: list[Row]) -> Verdict:
+    sides, parts = [], []
+    for r in rows:
+        p, rec = _interval(r, "n2g", "n2g_precision"), _interval(r, "n2g", "n2g_recall")
+        f1, token = _interval(r, "n2g", "n2g_f1"), _interval(r, "n2g", "n2g_f1_token")
+        if None in (p, rec, f1, token):
+            continue
+        sides += [_side(p, rec), _side(token, f1)]
+        parts.append(
+            f"{r.label}: recall {_fmt(rec)} vs precision {_fmt(p)}, f1 {_fmt(f1)} vs token {_fmt(token)}"
+        )
+    if not sides:
+        return _unmeasured(claim_n2g_precision_recall(rows))
+    return Verdict(
+        "; ".join(parts[:2]) + ("; ..." if len(parts) > 2 else ""),
+        verdict(sides.count(1), sides.count(-1), len(sides)),
+    )
+
+
+def _ends(rows: list[Row], value: tuple[str, str], within: str) -> list[tuple[int, Row, Row]]:
+    """Recipe TopK rows by `within` (k or n_latents): (group, row at the smallest other, the largest)."""
+    groups: dict[int, list[Row]] = {}
+    other = "n_latents" if within == "k" else "k"
+    for r in rows:
+        if (
+            r.family == "topk"
+            and r.get(*value) is not None
+            and r.checkpoint.get("n_latents")
+            and r.checkpoint.get("k")
+        ):
+            groups.setdefault(int(r.checkpoint[within]), []).append(r)
+    out = []
+    for key, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.checkpoint[other])
+        if len({r.checkpoint[other] for r in rs}) >= 2:
+            out.append((key, rs[0], rs[-1]))
+    return out
+
+
+def _measure_trend(rows: list[Row], within: str, falls: bool, text) -> Verdict:
+    value = ("n2g", "n2g_f1")
+    ends = _ends(rows, value, within)
+    if not ends:
+        return _unmeasured(text(rows))
+    by = "n" if within == "k" else "k"
+    by_key = "n_latents" if by == "n" else "k"
+    sides, parts = [], []
+    for key, small, large in ends:
+        a, b = _interval(small, *value), _interval(large, *value)
+        sides.append(_side(b, a) if falls else _side(a, b))
+        parts.append(
+            f"{within.replace('n_latents', 'n')}={key}: {_fmt(a)} at {by}={small.checkpoint[by_key]} "
+            f"vs {_fmt(b)} at {by}={large.checkpoint[by_key]}"
+        )
+    return Verdict("n2g_f1 " + "; ".join(parts), verdict(sides.count(1), sides.count(-1), len(sides)))
+
+
+def measure_n2g_with_n(rows: list[Row]) -> Verdict:
+    return _measure_trend(rows, "k", False, claim_n2g_with_n)
+
+
+def measure_n2g_with_k(rows: list[Row]) -> Verdict:
+    return _measure_trend(rows, "n_latents", True, claim_n2g_with_k)
+
+
+@dataclass(frozen=True)
+class Claim:
+    #: the claim, as a heading
+    title: str
+    #: what the paper found
+    paper: str
+    #: rows -> Verdict or [Verdict] (one per family)
+    measure: Callable
+    #: rows -> the details paragraph (`claim_*`), or None
+    details: Callable | None = None
+
+
 CLAIMS = (
-    ("TopK beats ReLU on the nmse-L0 frontier.", claim_topk_frontier),
-    ("AuxK and tied init leave few dead latents.", claim_dead_latents),
-    ("nmse falls as a power law in n with an irreducible term.", claim_power_law),
-    ("Latents have sparser downstream effects than residual channels.", claim_ablation_sparsity),
-    ("TopK does not shrink activations; ReLU + L1 does.", claim_shrinkage),
-    (
+    Claim(
+        "TopK beats ReLU on the nmse-L0 frontier.",
+        "TopK reaches a lower nmse than ReLU + L1 at every L0",
+        measure_topk_frontier,
+        claim_topk_frontier,
+    ),
+    Claim(
+        "AuxK and tied init leave few dead latents.",
+        "with AuxK and the tied encoder init few latents die, even in the largest SAEs; without them many do",
+        measure_dead_latents,
+        claim_dead_latents,
+    ),
+    Claim(
+        "nmse falls as a power law in n with an irreducible term.",
+        "at fixed k, L(N) = a n^b + c with b < 0",
+        measure_power_law,
+        claim_power_law,
+    ),
+    Claim(
+        "L(N) gets steeper as k grows.",
+        "gamma < 0 in the joint L(N, K) fit",
+        measure_steeper_with_k,
+    ),
+    Claim(
+        "The irreducible loss falls as k grows.",
+        "eta < 0 in the joint L(N, K) fit",
+        measure_irreducible_with_k,
+    ),
+    Claim(
+        "Latents have sparser downstream effects than residual channels.",
+        "ablating a single latent changes few logits",
+        measure_ablation_sparsity,
+        claim_ablation_sparsity,
+    ),
+    Claim(
+        "TopK does not shrink activations; ReLU + L1 does.",
+        "TopK prevents activation shrinkage; an L1 penalty shrinks activations",
+        measure_shrinkage,
+        claim_shrinkage,
+    ),
+    Claim(
         "N2G explanations have high recall but lower precision, and beat a token lookup.",
+        "N2G explanations have high recall and low precision (the token lookup is this suite's control)",
+        measure_n2g_precision_recall,
         claim_n2g_precision_recall,
     ),
-    ("Larger dictionaries are better explained at fixed k.", claim_n2g_with_n),
-    ("Larger k makes token-pattern explanations worse.", claim_n2g_with_k),
+    Claim(
+        "Larger dictionaries are better explained at fixed k.",
+        "explainability improves with n",
+        measure_n2g_with_n,
+        claim_n2g_with_n,
+    ),
+    Claim(
+        "Larger k makes token-pattern explanations worse.",
+        "explanations get worse as k grows",
+        measure_n2g_with_k,
+        claim_n2g_with_k,
+    ),
 )
+
+RULE = (
+    "Verdicts: each comparison a claim rests on is *for* it when the 95% intervals are apart in the claim's "
+    "direction and *against* it when they are apart the other way; any comparison against: **does not hold "
+    "here**; otherwise more than half for: **holds**; otherwise: **not separated at this budget**."
+)
+
+
+def claims_table(rows: list[Row]) -> list[list[str]]:
+    """[claim, the paper's finding, our number with interval, verdict] per claim (and family)."""
+    out = []
+    for claim in CLAIMS:
+        found = claim.measure(rows)
+        for v in found if isinstance(found, list) else [found]:
+            title = claim.title if not v.scope else f"{claim.title} ({v.scope})"
+            out.append(
+                [title, claim.paper, v.number, f"**{v.verdict}**" if v.verdict != UNMEASURED else v.verdict]
+            )
+    return out
+
+
+def claims_section(rows: list[Row]) -> str:
+    """Markdown: the claims table, its rule, and each claim's details."""
+    from tabulate import tabulate
+
+    body = [[cell.replace("|", "\\|") for cell in row] for row in claims_table(rows)]
+    parts = [
+        RULE,
+        "",
+        tabulate(
+            body, headers=["claim", "the paper's finding", "measured here", "verdict"], tablefmt="github"
+        ),
+        "",
+        "<details><summary>Per checkpoint</summary>",
+        "",
+    ]
+    parts += [f"- **{c.title}** {c.details(rows)}" for c in CLAIMS if c.details is not None]
+    parts += ["", "</details>"]
+    return "\n".join(parts)
