@@ -53,21 +53,28 @@ class TrainOutput(NamedTuple):
     """What the optimiser minimises."""
 
 
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum_t ||x_t - mean_t x||^2, nmse's denominator."""
+    return (x - x.mean(0)).pow(2).sum()
+
+
 def nmse(prediction: torch.Tensor, target: torch.Tensor, total_variance: torch.Tensor | None = None):
     """sum ||prediction - target||^2 / sum ||target - mean(target)||^2 (the denominator may be given)."""
     if total_variance is None:
-        total_variance = (target - target.mean(0)).pow(2).sum()
+        total_variance = batch_variance(target)
     return (prediction - target).pow(2).sum() / total_variance
 
 
 class TrainableSAE(nn.Module):
     """See the module docstring for the equations."""
 
-    def __init__(self, config: TrainConfig, d_in: int):
+    def __init__(self, config: TrainConfig, d_in: int, *, n_latents: int | None = None):
+        """n_latents: the latents this module holds, when it is one shard of config.n_latents
+        (`distributed.ShardedSAE`)."""
         super().__init__()
         self.config = config
         device, dtype = torch.device(config.device), getattr(torch, config.dtype)
-        n = config.n_latents
+        n = config.n_latents if n_latents is None else n_latents
         self.W_enc = nn.Parameter(torch.zeros(n, d_in, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(n, d_in, device=device, dtype=dtype))
@@ -78,6 +85,8 @@ class TrainableSAE(nn.Module):
         self._scratch: dict[str, torch.Tensor] = {}
         #: last step's W_enc / W_dec gradients, for the sparse backward to compute this step's into
         self._gradient_pool: list[torch.Tensor] = []
+        #: nmse's denominator for a batch; data-parallel training sums it over every rank's share
+        self.variance = batch_variance
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reused work tensor of `shape` (contents undefined), grown when too small."""
@@ -101,17 +110,19 @@ class TrainableSAE(nn.Module):
     def initialize(self, b_pre: torch.Tensor, generator: torch.Generator) -> None:
         """Random unit-norm decoder rows; W_enc = W_dec (tied) or independent unit rows, times the encoder
         init scale; b_enc = 0."""
-        shape = self.W_dec.shape
-        dec = torch.randn(shape, generator=generator, dtype=torch.float64)
-        self.W_dec.copy_(dec / dec.norm(dim=1, keepdim=True))
+        self.W_dec.copy_(self._unit_rows(generator))
         if self.config.tied_init:
             self.W_enc.copy_(self.W_dec)
         else:
-            enc = torch.randn(shape, generator=generator, dtype=torch.float64)
-            self.W_enc.copy_(enc / enc.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self._unit_rows(generator))
         self.W_enc.mul_(self.config.effective_encoder_init_scale(self.d_in))
         self.b_enc.zero_()
         self.b_pre.copy_(b_pre)
+
+    def _unit_rows(self, generator: torch.Generator) -> torch.Tensor:
+        """Random unit rows (float64) for W_dec or W_enc, drawn from `generator`."""
+        rows = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float64)
+        return rows / rows.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
@@ -242,7 +253,9 @@ class TrainableSAE(nn.Module):
             aux_pattern = self._pattern(aux_indices)
             aux_z = F.relu(self._encode_selected(u, aux_indices, aux_values, aux_pattern))
             error = (u - u_hat).detach()
-            auxk = nmse(self._decode(aux_indices, aux_z, aux_pattern), error).nan_to_num(0.0)
+            auxk = nmse(
+                self._decode(aux_indices, aux_z, aux_pattern), error, self.variance(error)
+            ).nan_to_num(0.0)
         loss = recon + self.auxk_alpha * auxk + multi / 8
         with torch.no_grad():
             active = z > 0

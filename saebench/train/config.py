@@ -88,6 +88,11 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device to train on ('cpu', 'cuda', 'cuda:1', 'mps', ...)."""
 
+    latent_shards: int = 1
+    """Latent-parallel training under torchrun: each of this many processes (the world size) holds
+    n_latents / latent_shards latents (`distributed.py`); 1 with several processes is data parallel.  The
+    trained weights are the same either way (to float rounding), so it is no part of what a run is."""
+
     dtype: str = "float32"
     """Parameter and compute dtype ('float32' or 'float64')."""
 
@@ -146,6 +151,13 @@ class TrainConfig:
         for name in ("n_latents", "batch_size", "dead_tokens", "geometric_median_tokens", "chunk_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.latent_shards < 1 or self.n_latents % self.latent_shards:
+            raise ValueError(
+                f"latent_shards must be a positive divisor of n_latents={self.n_latents}, "
+                f"got {self.latent_shards}"
+            )
+        if self.latent_shards > 1 and self.activation != "topk":
+            raise ValueError("latent_shards applies to TopK SAEs; train the ReLU baseline data-parallel")
         if self.log_every < 1:
             raise ValueError(f"log_every must be positive, got {self.log_every}")
 

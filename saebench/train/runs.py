@@ -18,11 +18,18 @@ from saebench.data.site import Site
 from saebench.sae.formats.native import save_native
 from saebench.sae.load import load_sae
 from saebench.sae.sae import SAEInfo
+from saebench.train import distributed
 from saebench.train.config import TrainConfig
 from saebench.train.l1_search import MAX_TRIALS, TOLERANCE, Trial, accepted, closest, next_lambda
 from saebench.train.state import STATE_FILE
 from saebench.train.stream import activation_stream, stream_length
 from saebench.train.trainer import SAE_FOLDER, Trainer
+
+
+def _say(message: str) -> None:
+    """Progress lines, printed once (by rank 0 under torchrun)."""
+    if distributed.is_main():
+        print(message, file=sys.stderr)
 
 
 def run_status(run_dir: Path) -> str:
@@ -54,16 +61,16 @@ def train_run(site: Site, name: str, config: TrainConfig, run_dir: Path, n_token
     """One run into run_dir (skipped when complete, resumed when partial); returns its checkpoint."""
     status = run_status(run_dir)
     if status == "complete":
-        print(f"{name}: complete, skipped", file=sys.stderr)
+        _say(f"{name}: complete, skipped")
         return run_dir / SAE_FOLDER
     if status == "partial":
-        trainer = Trainer.resume(run_dir, device=config.device)
+        trainer = Trainer.resume(run_dir, device=config.device, latent_shards=config.latent_shards)
         if trainer.config.max_tokens != config.max_tokens:
             raise ValueError(
                 f"{run_dir} was started with {trainer.config.max_tokens} tokens, not {config.max_tokens}: "
                 "use the same --n-tokens or another --out"
             )
-        print(f"{name}: resuming at {trainer.tokens_seen} tokens", file=sys.stderr)
+        _say(f"{name}: resuming at {trainer.tokens_seen} tokens")
     else:
         info = SAEInfo(
             format="native",
@@ -74,7 +81,7 @@ def train_run(site: Site, name: str, config: TrainConfig, run_dir: Path, n_token
             context_size=site.config.ctx,
         )
         trainer = Trainer(config, site.model.d_model, out_dir=run_dir, info=info)
-        print(f"{name}: training on {config.max_tokens} tokens", file=sys.stderr)
+        _say(f"{name}: training on {config.max_tokens} tokens")
     trainer.fit(activation_stream(site, n_tokens, seed=config.seed))
     return run_dir / SAE_FOLDER
 
@@ -82,8 +89,9 @@ def train_run(site: Site, name: str, config: TrainConfig, run_dir: Path, n_token
 # --- the ReLU baseline's lambda search -------------------------------------------------------------------
 #: folder (inside a sweep's out) holding the fixed-lambda trials, one subfolder per trial family
 SEARCH_FOLDER = "l1-search"
-#: fields that do not change a ReLU run's L0(lambda) curve: they name the trial or the target
-_SEARCH_FREE = ("l1_coefficient", "l1_target_l0", "k", "device")
+#: fields that do not change a ReLU run's L0(lambda) curve: they name the trial or the target, or say where
+#: and how it runs
+_SEARCH_FREE = ("l1_coefficient", "l1_target_l0", "k", "device", "latent_shards")
 
 
 def _family(config: TrainConfig) -> str:
@@ -124,7 +132,7 @@ def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: i
     new runs for this target); the closest is copied to out/name/sae with the search in its provenance."""
     run_dir = out / name
     if run_status(run_dir) == "complete":
-        print(f"{name}: complete, skipped", file=sys.stderr)
+        _say(f"{name}: complete, skipped")
         return run_dir / SAE_FOLDER
     target = config.l1_target_l0
     family = out / SEARCH_FOLDER / _family(config)
@@ -139,18 +147,18 @@ def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: i
             break  # L0 is not monotone in lambda around here (run-to-run noise): no new run would help
         if lam not in tried:  # else a trial interrupted earlier, resumed below
             tried.append(lam)
-            atomic_write_bytes(log_file, json.dumps({"target_l0": target, "tried": tried}).encode())
-        print(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})", file=sys.stderr)
+            if distributed.is_main():
+                atomic_write_bytes(log_file, json.dumps({"target_l0": target, "tried": tried}).encode())
+        _say(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})")
         trial = dataclasses.replace(config, l1_coefficient=lam)
         train_run(site, f"{name} lambda={lam:g}", trial, family / f"lambda-{lam:g}", n_tokens)
         found = _trials(family)
         trials = list(found)
     best = closest(trials, target)
     if not accepted(best, target):
-        print(
+        _say(
             f"{name}: no trial within {TOLERANCE}x of L0 {target:g}; using lambda {best.l1_coefficient:g} "
-            f"(L0 {best.l0:.1f})",
-            file=sys.stderr,
+            f"(L0 {best.l0:.1f})"
         )
     sae = load_sae(found[best])
     training = dict(sae.info.extra["training"])
@@ -161,4 +169,7 @@ def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: i
         "chosen": best._asdict(),
         "trials": [t._asdict() for t in sorted(trials)],
     }
-    return save_native(sae, run_dir / SAE_FOLDER, training=training)
+    if distributed.is_main():
+        save_native(sae, run_dir / SAE_FOLDER, training=training)
+    distributed.barrier()
+    return run_dir / SAE_FOLDER

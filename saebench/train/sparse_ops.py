@@ -98,7 +98,7 @@ def scatter_outer(
         out = vectors.new_empty(n_rows, d) if out is None else out
         return torch.addmm(out, selection, vectors, beta=0, out=out)
     out = vectors.new_zeros(n_rows, d) if out is None else out.zero_()
-    chunk = min(n_tokens, _chunk_tokens(m, d))
+    chunk = max(1, min(n_tokens, _chunk_tokens(m, d)))  # >= 1: a data-parallel share may be empty
     buffer = vectors.new_empty(chunk, m, d)
     for start in range(0, n_tokens, chunk):
         stop = min(n_tokens, start + chunk)

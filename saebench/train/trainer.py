@@ -14,6 +14,10 @@ Checkpoints go to `out_dir`: the SAE in the native format in out_dir/sae (`save_
 provenance; load it with `load_sae`), the training state beside it, out_dir/training_state.pt
 (`state.py`), and the log lines so far (nmse, L0, dead fraction per `log_every` steps) in
 out_dir/history.jsonl; `Trainer.resume(out_dir)` carries on from the last one.
+
+Under torchrun (a torch.distributed default group of N processes) the trainer splits each step over the
+ranks, data- or latent-parallel (`distributed.py`), with the same batches, weights and checkpoints as one
+process; rank 0 writes the checkpoints and shows the progress.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data.cache import atomic_write_bytes
 from ..sae.sae import SAE, Normalization, SAEInfo
+from . import distributed
 from .autoencoder import TrainableSAE
 from .batches import rebatch
 from .config import TrainConfig
@@ -77,7 +82,12 @@ class Trainer:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.normalization = Normalization(kind=config.input_normalization)
-        self.model = TrainableSAE(config, d_in)
+        #: how the work is split over torch.distributed ranks (None: one process)
+        self.parallel = distributed.for_config(config)
+        if self.parallel is None:
+            self.model = TrainableSAE(config, d_in)
+        else:
+            self.model = self.parallel.build_model(config, d_in)
         #: the lr trained at and what chose it, fixed for the run (a resumed run keeps its own, see `resume`)
         self.lr, self.lr_source = config.lr_choice()
         # fused: one pass over each parameter and its two moments (the for-loop Adam makes seven, with two
@@ -91,7 +101,7 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.dead_tokens = config.effective_dead_tokens()
-        self.tokens_since_fired = torch.zeros(config.n_latents, dtype=torch.int64, device=self.device)
+        self.tokens_since_fired = torch.zeros(self.model.n_latents, dtype=torch.int64, device=self.device)
         self.initialized = False
         self.step = 0
         self.tokens_seen = 0
@@ -122,7 +132,8 @@ class Trainer:
             self.initialize(torch.cat(head)[: self.config.geometric_median_tokens])
             stream = itertools.chain(head, stream)
         total = math.ceil(self.config.max_tokens / self.config.batch_size) if self.config.max_tokens else None
-        bar = tqdm(total=total, initial=self.step, disable=not progress, unit="step", dynamic_ncols=True)
+        quiet = not progress or (self.parallel is not None and not self.parallel.is_main)
+        bar = tqdm(total=total, initial=self.step, disable=quiet, unit="step", dynamic_ncols=True)
         started = time.perf_counter()
         try:
             for x in stream:
@@ -144,6 +155,8 @@ class Trainer:
             self._log()
         if self.out_dir is not None:
             self.save_checkpoint()
+        if self.parallel is not None:
+            self.parallel.barrier()  # no rank goes on before rank 0 has written the last checkpoint
         return self.to_sae()
 
     @property
@@ -155,22 +168,27 @@ class Trainer:
         """b_pre = geometric median of the normalised sample; decoder/encoder from the seeded generator."""
         u, _ = self.normalization.apply(sample.to(self.device, torch.float64))
         self.model.initialize(geometric_median(u), self.generator)
+        if self.parallel is not None:
+            self.parallel.after_initialize(self.model)
         self.initialized = True
 
     def train_step(self, x: torch.Tensor) -> StepStats:
-        """One optimizer step on raw activations x (tokens, d)."""
+        """One optimizer step on raw activations x (tokens, d): the whole batch, also under torchrun (a
+        data-parallel rank trains on its share of it)."""
         if not self.initialized:
             raise RuntimeError("call initialize(sample) (or fit) before train_step")
+        n_tokens = x.shape[0]
+        if self.parallel is not None:
+            x = self.parallel.local_batch(x)
         x = x.to(self.device, self.dtype)
         u, _ = self.normalization.apply(x)
-        n_tokens = u.shape[0]
-        total_variance = (u - u.mean(0)).pow(2).sum()
+        total_variance = self.model.variance(u)
         if self.config.activation == "relu":
             l1_coefficient = self.l1_coefficient_at(self.step)
             # dense latents: back-propagate chunk by chunk so that memory stays bounded; each chunk's loss
             # is its share of the batch loss (sums over the batch's variance and token count)
-            chunk = max(1, self.config.chunk_elements // self.config.n_latents)
-            fired = torch.zeros(self.config.n_latents, dtype=torch.bool, device=self.device)
+            chunk = max(1, self.config.chunk_elements // self.model.n_latents)
+            fired = torch.zeros(self.model.n_latents, dtype=torch.bool, device=self.device)
             sums = torch.zeros(5, dtype=torch.float64, device=self.device)
             for part in u.split(chunk):
                 out = self.model(
@@ -188,9 +206,13 @@ class Trainer:
             out = self.model(u, dead=dead, total_variance=total_variance)
             out.loss.backward()
             fired = out.fired
+            l0 = out.l0 if u.shape[0] == n_tokens else out.l0 * (u.shape[0] / n_tokens)  # a rank's share
             stats = StepStats(
-                out.loss.detach(), out.nmse.detach(), out.l0, out.auxk_nmse.detach(), out.l1.detach()
+                out.loss.detach(), out.nmse.detach(), l0, out.auxk_nmse.detach(), out.l1.detach()
             )
+        if self.parallel is not None:
+            fired, reduced = self.parallel.reduce_step(self.model, fired, stats)
+            stats = StepStats(*reduced)
         self.model.project_decoder_grad()
         self.optimizer.step()
         if self.config.activation == "topk":
@@ -226,7 +248,8 @@ class Trainer:
 
     def dead_fraction(self) -> float:
         """Fraction of latents that have not fired for `dead_tokens` tokens."""
-        return float((self.tokens_since_fired >= self.dead_tokens).double().mean())
+        dead = self.tokens_since_fired >= self.dead_tokens
+        return float(dead.double().mean()) if self.parallel is None else self.parallel.dead_fraction(dead)
 
     # --- products -------------------------------------------------------------------------------------------
     def to_sae(self) -> SAE:
@@ -254,6 +277,7 @@ class Trainer:
             "complete": self.finished,
             "wall_time_s": round(self.wall_time_s, 3),
             "last_log": last,
+            **({} if self.parallel is None else {"distributed": self.parallel.describe()}),
         }
 
     @property
@@ -262,26 +286,40 @@ class Trainer:
         return None if self.out_dir is None else self.out_dir / SAE_FOLDER
 
     def save_checkpoint(self) -> Path:
-        """Training state (atomic) first, then the SAE folder (replaced atomically); returns that folder."""
+        """Training state (atomic) first, then the SAE folder (replaced atomically); returns that folder.
+
+        Under torchrun every rank calls it (latent shards are gathered) and rank 0 alone writes."""
         from ..sae.formats.native import save_native
 
         if self.out_dir is None:
             raise ValueError("this trainer has no out_dir to save checkpoints to")
-        write_state(self.out_dir, self._state())
+        writes = self.parallel is None or self.parallel.is_main
+        if not writes and not self.parallel.shards_latents:
+            return self.sae_dir
+        state, sae = self._state(), self.to_sae()
+        if not writes:
+            return self.sae_dir
+        write_state(self.out_dir, state)
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
         atomic_write_bytes(self.out_dir / HISTORY_FILE, lines.encode())
-        return save_native(self.to_sae(), self.sae_dir, training=self.provenance())
+        return save_native(sae, self.sae_dir, training=self.provenance())
 
     def _state(self) -> dict:
+        model_state = {name: value.detach() for name, value in self.model.state_dict().items()}
+        optimizer_state, tokens_since_fired = self.optimizer.state_dict(), self.tokens_since_fired
+        if self.parallel is not None:  # latent parallel: the one-process layout, gathered from the shards
+            model_state, optimizer_state, tokens_since_fired = self.parallel.full_state(
+                self.model, model_state, optimizer_state, tokens_since_fired
+            )
         return {
             "config": self.config.to_dict(),
             "d_in": self.d_in,
             "info": {key: value for key, value in asdict(self.info).items() if key != "extra"},
-            "model": {name: value.detach().cpu() for name, value in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": {name: value.cpu() for name, value in model_state.items()},
+            "optimizer": optimizer_state,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "tokens_since_fired": tokens_since_fired.cpu(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "initialized": self.initialized,
@@ -292,13 +330,20 @@ class Trainer:
         }
 
     @classmethod
-    def resume(cls, out_dir: str | Path, *, device: str | None = None) -> Trainer:
-        """A trainer in the state of out_dir's last checkpoint (optionally moved to another device)."""
+    def resume(
+        cls, out_dir: str | Path, *, device: str | None = None, latent_shards: int | None = None
+    ) -> Trainer:
+        """A trainer in the state of out_dir's last checkpoint (optionally moved to another device, or to
+        another number of latent shards: the state file is the same for every layout)."""
         state = read_state(out_dir, map_location="cpu")
         config = TrainConfig(**state["config"])
         if device is not None:
             config = replace(config, device=device)
+        if latent_shards is not None:
+            config = replace(config, latent_shards=latent_shards)
         trainer = cls(config, state["d_in"], out_dir=out_dir, info=SAEInfo(**state["info"]))
+        if trainer.parallel is not None:
+            state = trainer.parallel.local_state(trainer.model, state)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step = state["step"]
