@@ -49,6 +49,8 @@ simulation is scored the same way.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -183,22 +185,54 @@ class Pool(NamedTuple):
     resid: np.ndarray
 
 
+def sae_digest(sae: SAE) -> str:
+    """sha256 of everything the SAE's encoder and decoder compute with: its tensors and its settings."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(repr((sae.activation, sae.k, dataclasses.asdict(sae.normalization))).encode())
+    return h.hexdigest()
+
+
 def _pool(context: EvalContext, sae: SAE, split: str, n_tokens: int, start: int) -> Pool:
+    """The pool's windows, residuals and the SAE's codes at positions 1.. of each window.
+
+    The codes are cached beside the residuals, keyed by the SAE's digest (`sae_digest`), so that `saebench
+    explain` after a run (or a second run) does not encode the pool again; the input states are recomputed
+    from the residuals (no matmul)."""
     site, ctx = context.site, context.site.config.ctx
     n_windows = math.ceil(n_tokens / (ctx - 1))
     windows, resid = site.windows(split, n_windows, start), site.resid(split, n_windows, start)
     scored = np.zeros(windows.shape, dtype=bool)
     scored[:, 1:] = site.scored(windows)
-    parts, states = [], []
+    store = site.store(
+        f"n2g-codes-{site.split(split)}",
+        {"n_windows": n_windows, "start": start, "sae": sae_digest(sae), "dtype": str(sae.W_enc.dtype)},
+    )
     batch = max(1, 2048 // (ctx - 1))
-    scratch = sae.scratch(batch * (ctx - 1))
+    cached = store.has("indices", "values")
+    parts, states = [], []
+    scratch = None if cached else sae.scratch(batch * (ctx - 1))
     with torch.inference_mode():
         for lo in range(0, n_windows, batch):
             x = torch.from_numpy(np.array(resid[lo : lo + batch, 1:])).reshape(-1, resid.shape[-1])
-            enc = sae.encode_codes(x.to(sae.W_enc.device, sae.W_enc.dtype), scratch)
+            x = x.to(sae.W_enc.device, sae.W_enc.dtype)
+            if cached:
+                states.append(sae.normalization.apply(x)[1].to("cpu"))
+                continue
+            enc = sae.encode_codes(x, scratch)
             parts.append(SparseCodes(enc.codes.indices.cpu(), enc.codes.values.cpu()))
             states.append(enc.state.to("cpu"))
-    codes = SparseCodes.cat(parts)
+    if cached:
+        codes = SparseCodes(
+            torch.from_numpy(store.load("indices", mmap=False).astype(np.int64)),
+            torch.from_numpy(store.load("values", mmap=False)),
+        )
+    else:
+        codes = SparseCodes.cat(parts)
+        store.save("indices", codes.indices.numpy().astype(np.int32))
+        store.save("values", codes.values.numpy())
     state = type(states[0]).cat(states)
     keep = torch.from_numpy(scored[:, 1:].reshape(-1))
     active = (codes.values != 0) & keep[:, None]

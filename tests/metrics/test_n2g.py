@@ -187,6 +187,32 @@ def test_saliency_on_cached_keys_equals_full_reruns(make_context):
     assert reused.counts["rerun_tokens"] < rerun.counts["rerun_tokens"]
 
 
+def test_a_second_run_reads_the_pools_codes_from_the_cache(bigram_context, monkeypatch):
+    encoded = []
+    encode = SAE.encode_codes
+
+    def counted(self, x, *args, **kwargs):
+        encoded.append(x.shape[0])
+        return encode(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SAE, "encode_codes", counted)
+
+    def rows_encoded(sae) -> tuple[int, list]:
+        encoded.clear()
+        result = n2g(bigram_context, sae, N2GParams(**SMALL))
+        return sum(encoded), result.details["latents"]
+
+    sae = planted_sae()
+    first, rows = rows_encoded(sae)
+    second, again = rows_encoded(sae)
+    pools = 2 * 100 * (bigram_context.config.ctx - 1)  # both pools' positions 1..
+    assert again == rows and first - second == pools  # only the re-runs' rows are encoded again
+    other = planted_sae()
+    with torch.no_grad():
+        other.W_enc[0, 0] += 1.0  # another SAE: its own cache entry, encoded afresh
+    assert rows_encoded(other)[0] >= pools
+
+
 def test_trie_prediction_on_a_hand_made_example():
     a, b, c, x = 5, 6, 7, 9
     trie = Trie(
