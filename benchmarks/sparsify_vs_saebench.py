@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             "lr_source": ours_training.get("lr_source", "?"),
             "wall_s": ours_training["wall_time_s"],
             "tokens": ours_training["tokens_seen"],
-            **score_values(score_checkpoint(site, ours, out / "scores", "saebench", args.eval_tokens)),
+            **score_values(
+                score_checkpoint(site, ours, out / "scores", "saebench", args.eval_tokens, validation=False)
+            ),
         },
         "sparsify": {
             "lr": theirs_training["lr"],
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": theirs_training["wall_s"],
             "tokens": theirs_training["tokens"],
             **score_values(
-                score_checkpoint(site, theirs_folder, out / "scores", "sparsify", args.eval_tokens)
+                score_checkpoint(
+                    site, theirs_folder, out / "scores", "sparsify", args.eval_tokens, validation=False
+                )
             ),
         },
     }

@@ -35,6 +35,13 @@ class EvalConfig(SiteConfig):
 
     #: evaluation tokens (positions 1.. of each window; position 0 is excluded everywhere)
     n_tokens: int = 16384
+    #: first window of the held-out split evaluated (0: the evaluation set; the trainer's lr sweep
+    #: validates on the windows after it, so the lr is never tuned on the windows results are reported on)
+    eval_start: int = 0
+
+    def __post_init__(self):
+        if self.eval_start < 0:
+            raise ValueError(f"eval_start must be >= 0, got {self.eval_start}")
 
     @property
     def n_windows(self) -> int:
@@ -78,6 +85,7 @@ class EvalContext:
             **self.site.key,
             "n_tokens": self.config.n_tokens,
             "exclude_special": self.config.exclude_special,
+            **({"eval_start": self.config.eval_start} if self.config.eval_start else {}),
         }
 
     def store(self, kind: str, extra: dict | None = None) -> Store:
@@ -87,12 +95,12 @@ class EvalContext:
     @cached_property
     def windows(self) -> np.ndarray:
         """Evaluation windows (n_windows, ctx), from the held-out split of the corpus."""
-        return self.site.windows("eval", self.config.n_windows)
+        return self.site.windows("eval", self.config.n_windows, self.config.eval_start)
 
     @cached_property
     def resid(self) -> np.ndarray:
         """Residuals at the site for the evaluation windows (n_windows, ctx, d), memory-mapped."""
-        return self.site.resid("eval", self.config.n_windows)
+        return self.site.resid("eval", self.config.n_windows, self.config.eval_start)
 
     @cached_property
     def mask(self) -> np.ndarray:

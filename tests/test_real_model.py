@@ -71,7 +71,9 @@ def test_pca_baseline_core_downstream_and_probes(tmp_path, capsys):
     n2g = json.loads((out / label / "n2g.json").read_text())
     for name in ("n2g_precision", "n2g_recall", "n2g_f1", "n2g_f1_token", "n2g_f1_random"):
         assert 0 <= n2g["values"][name]["value"] <= 1
-    assert n2g["counts"]["latents_sampled"] == 2 and all(row["explanation"] for row in n2g["details"]["latents"])
+    assert n2g["counts"]["latents_sampled"] == 2 and all(
+        row["explanation"] for row in n2g["details"]["latents"]
+    )
     assert n2g["values"]["expl_kl_recovered"]["value"] <= 1
     # a second run reuses every result file
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}

@@ -195,6 +195,11 @@ def sae_digest(sae: SAE) -> str:
     return h.hexdigest()
 
 
+def _score_start(context: EvalContext) -> int:
+    """First window of the score pool: the held-out split's windows right after the evaluation set."""
+    return context.config.eval_start + context.config.n_windows
+
+
 def _pool(context: EvalContext, sae: SAE, split: str, n_tokens: int, start: int) -> Pool:
     """The pool's windows, residuals and the SAE's codes at positions 1.. of each window.
 
@@ -707,7 +712,7 @@ def explain_latents(context: EvalContext, sae: SAE, latents, params: N2GParams |
         raise ValueError(f"latents must lie in 0..{sae.n_latents - 1}, got {latents.tolist()}")
     rng = np.random.default_rng(context.config.seed)
     build_pool = _pool(context, sae, "train", params.n_build_tokens, params.build_start)
-    score_pool = _pool(context, sae, "eval", params.n_score_tokens, context.config.n_windows)
+    score_pool = _pool(context, sae, "eval", params.n_score_tokens, _score_start(context))
     build_acts = _dense(build_pool, latents, sae.n_latents)
     score_acts = _dense(score_pool, latents, sae.n_latents)
     empty = torch.zeros(0, sae.d_in, dtype=torch.float64)
@@ -733,7 +738,7 @@ def compute(context: EvalContext, sae: SAE, params: N2GParams) -> MetricResult:
     rng = np.random.default_rng(seed)
     model, tokenizer = context.model, context.model.tokenizer
     build_pool = _pool(context, sae, "train", params.n_build_tokens, params.build_start)
-    score_pool = _pool(context, sae, "eval", params.n_score_tokens, context.config.n_windows)
+    score_pool = _pool(context, sae, "eval", params.n_score_tokens, _score_start(context))
     timing["encode"] = time.perf_counter() - began
 
     alive = (build_pool.counts > 0) | (score_pool.counts > 0)
@@ -855,8 +860,8 @@ def compute(context: EvalContext, sae: SAE, params: N2GParams) -> MetricResult:
             "pools": {
                 "build": f"train windows {params.build_start}.."
                 f"{params.build_start + len(build_pool.windows) - 1}",
-                "score": f"eval windows {context.config.n_windows}.."
-                f"{context.config.n_windows + len(score_pool.windows) - 1}",
+                "score": f"eval windows {_score_start(context)}.."
+                f"{_score_start(context) + len(score_pool.windows) - 1}",
             },
             "latents": per_latent,
             "n_patterns": n_patterns[:m],

@@ -1,8 +1,9 @@
 """The lr sweep, after training: score every run on held-out windows, pick the best lr per n, fit the trend.
 
     score   each run's checkpoint is evaluated by the runner (`saebench run`'s core and downstream
-            metrics on the evaluation split's windows, which training never sees); the result files go
-            to <out>/<run>/scores/ and are reused when the sweep is run again
+            metrics) on validation windows of the held-out split, which training never sees: those right
+            after the evaluation set, so the lr is not tuned on the windows the leaderboard reports; the
+            result files go to <out>/<run>/scores/ and are reused when the sweep is run again
     best    per n, the grid lr with the lowest delta_ce (CRITERION); its bracket is the neighbouring
             grid lrs, and `at_edge` flags a best at the grid's end (then the optimum may lie outside);
             lr_star refines an interior best by the vertex of a parabola through the three points in
@@ -38,21 +39,54 @@ FIT_FILE = "lr-fit.json"
 SCORES_FOLDER = "scores"
 
 
-def score_checkpoint(
-    site: Site, checkpoint: Path, out: Path, label: str, eval_tokens: int, *, force: bool = False
-) -> dict[str, dict]:
-    """{metric: result} of core and downstream for one checkpoint, computed by the runner (`saebench run`)
-    on `eval_tokens` tokens of the site's evaluation split (held out from training whatever the corpus),
-    filed under out/label and reused when they are there."""
+def validation_config(site: Site, eval_tokens: int):
+    """The held-out windows the sweep scores on: the `eval_tokens` right after the evaluation set of the
+    default size (`EvalConfig().n_windows` windows), so the lr is not tuned on the windows the leaderboard
+    reports."""
     import dataclasses
 
     from saebench.context import EvalConfig
+
+    fields = {**dataclasses.asdict(site.config), "layer": site.layer}
+    return EvalConfig(**fields, n_tokens=eval_tokens, eval_start=EvalConfig(**fields).n_windows)
+
+
+def score_checkpoint(
+    site: Site,
+    checkpoint: Path,
+    out: Path,
+    label: str,
+    eval_tokens: int,
+    *,
+    force: bool = False,
+    validation: bool = True,
+) -> dict[str, dict]:
+    """{metric: result} of core and downstream for one checkpoint, computed by the runner (`saebench run`)
+    on `eval_tokens` tokens of the site's evaluation split (held out from training whatever the corpus):
+    the validation windows after the evaluation set (`validation_config`), or with validation=False the
+    evaluation set itself; filed under out/label and reused when they are there."""
+    import dataclasses
+
+    from saebench.context import EvalConfig
+    from saebench.data.corpus import CorpusError
     from saebench.runner import RunConfig, Runner
 
+    fields = {**dataclasses.asdict(site.config), "layer": site.layer}
+    eval_config = EvalConfig(**fields, n_tokens=eval_tokens)
+    if validation:
+        held_out = validation_config(site, eval_tokens)
+        try:
+            site.windows("eval", held_out.n_windows, held_out.eval_start)
+            eval_config = held_out
+        except CorpusError:
+            _warn_once(
+                "lr sweep: the corpus' held-out split has no windows after the evaluation set; the runs are "
+                "scored on the evaluation set itself (eval_start 0 in their scores)"
+            )
     config = RunConfig(
         checkpoint=str(checkpoint),
         metrics=sorted({metric for metric, _ in SCORES}),
-        eval=EvalConfig(**{**dataclasses.asdict(site.config), "layer": site.layer}, n_tokens=eval_tokens),
+        eval=eval_config,
         out=str(out),
         label=label,
         force=force,
@@ -61,6 +95,15 @@ def score_checkpoint(
     )
     runner = Runner(config, model=site.model, model_identity=site.model_key)
     return {result["metric"]: result for result in runner.run()}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def score_values(results: dict[str, dict]) -> dict[str, float]:

@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from saebench.context import EvalConfig
 from saebench.sae.load import load_sae
 from saebench.train.config import TrainConfig
 from saebench.train.lr_sweep import (
@@ -120,6 +121,8 @@ def test_tiny_lr_sweep_scores_fits_resumes_and_its_trend_trains_the_next_run(
         core = json.loads((scores / "core.json").read_text())
         assert core["values"]["nmse"]["value"] == row["core.nmse"] and row["lr_source"] == "set"
         assert core["eval"]["eval_split"] == "eval"  # held out, although the corpus is the user's
+        # this corpus has no windows after the default evaluation set: scored on the evaluation set
+        assert core["eval"]["eval_start"] == 0
     for b in fit["best"]:
         runs = [r for r in fit["runs"] if r["n_latents"] == b["n_latents"]]
         assert b["best"] == min(r["downstream.delta_ce"] for r in runs)
@@ -139,6 +142,15 @@ def test_tiny_lr_sweep_scores_fits_resumes_and_its_trend_trains_the_next_run(
     assert training["lr"] == pytest.approx(0.02 * 24**-0.25)
     assert training["lr_source"] == f"trend {trend} (fit {fit['fit_id']})"
     assert training["config"]["lr"] is None
+
+
+def test_the_sweep_validates_on_the_windows_after_the_evaluation_set(make_context):
+    from saebench.train.lr_sweep import validation_config
+
+    site = make_context().site
+    held_out = validation_config(site, 90)
+    default = EvalConfig(**{**site.config.__dict__, "layer": site.layer})
+    assert held_out.eval_start == default.n_windows > 0 and held_out.n_tokens == 90
 
 
 def test_resumed_run_keeps_its_lr_when_the_trend_changes(tmp_path, monkeypatch, planted):
