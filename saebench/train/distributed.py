@@ -292,11 +292,21 @@ class ShardedSAE(TrainableSAE):
         return rows / rows.norm(dim=1, keepdim=True)
 
     def _local(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows in this shard, held mask) of global latent indices; other shards' latents map to row 0 and
-        are masked (weight 0), so they add nothing to this shard's sums or gradients."""
+        """(rows in this shard, held mask) of global latent indices (tokens, m).  Other shards' latents are
+        masked (weight 0: they add nothing to this shard's sums or gradients) and take rows that none of the
+        token's held latents uses, distinct among themselves, so that every token's rows stay distinct as
+        the sparse kernels' CSR patterns require: the first free rows among 0 .. 2m - 1."""
         local = indices - self.shards.rows.start
         held = (local >= 0) & (local < self.n_latents)
-        return local.where(held, 0), held
+        m = indices.shape[1]
+        spare = min(2 * m, self.n_latents)
+        if spare < m:  # a shard narrower than the selection: rows repeat (the CPU kernels still sum right)
+            return local.where(held, 0), held
+        taken = torch.zeros(indices.shape[0], spare + 1, dtype=torch.bool, device=indices.device)
+        taken.scatter_(1, local.where(held & (local < spare), spare), True)  # column `spare`: a sink
+        free = (~taken[:, :spare]).to(torch.int8).argsort(dim=1, descending=True, stable=True)
+        rank_among_others = ((~held).cumsum(1) - 1).clamp_min(0)
+        return local.where(held, free.gather(1, rank_among_others)), held
 
     @torch.no_grad()
     def _select(self, u: torch.Tensor, dead: torch.Tensor | None, kk: int):

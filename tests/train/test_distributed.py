@@ -89,6 +89,26 @@ def assert_same_training(got: dict, want: dict, rtol: float = 1e-9, atol: float 
         assert row["l0"] == pytest.approx(reference["l0"], rel=1e-12)
 
 
+def test_other_shards_latents_take_distinct_free_rows():
+    """The sparse kernels' CSR patterns need distinct rows per token: a shard's held latents keep theirs, the
+    other shards' latents (masked) get rows no held latent of the token uses."""
+    from types import SimpleNamespace
+
+    from saebench.train.distributed import ShardedSAE
+
+    shard = SimpleNamespace(n_local=48, rows=slice(48, 96), n_total=96, world=2)
+    model = ShardedSAE.__new__(ShardedSAE)
+    super(ShardedSAE, model).__init__(tiny(), D, n_latents=shard.n_local)
+    model.shards = shard
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(96, generator=generator)[:16] for _ in range(500)])
+    local, held = model._local(indices)
+    assert torch.equal(local[held], indices[held] - 48) and 0.3 < held.double().mean() < 0.7
+    assert ((local >= 0) & (local < 48)).all()
+    ordered = local.sort(1).values
+    assert (ordered[:, 1:] != ordered[:, :-1]).all()
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The one-process runs every mode is compared with, by config."""
