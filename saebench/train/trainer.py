@@ -206,7 +206,8 @@ class Trainer:
             out = self.model(u, dead=dead, total_variance=total_variance)
             out.loss.backward()
             fired = out.fired
-            l0 = out.l0 if u.shape[0] == n_tokens else out.l0 * (u.shape[0] / n_tokens)  # a rank's share
+            # a data-parallel rank's share (its rows may be none: the mean over them is then NaN)
+            l0 = out.l0 if u.shape[0] == n_tokens else out.l0.nan_to_num(0.0) * (u.shape[0] / n_tokens)
             stats = StepStats(
                 out.loss.detach(), out.nmse.detach(), l0, out.auxk_nmse.detach(), out.l1.detach()
             )

@@ -138,7 +138,7 @@ def one_process(tmp_path_factory):
         {"latent_shards": WORLD},
         {"latent_shards": WORLD, "multi_topk": True, "tied_init": False},
     ],
-    ids=["data-parallel", "data-parallel-relu", "latent-parallel", "latent-parallel-multi-topk-untied"],
+    ids=["data-parallel", "data-parallel-relu", "latent-parallel", "latent-multi-topk-untied"],
 )
 def test_two_processes_train_the_weights_of_one(tmp_path, one_process, overrides):
     config = tiny(**overrides)
