@@ -350,41 +350,44 @@ class ShardedSAE(TrainableSAE):
         top_values, top = all_values.topk(k, dim=1, sorted=False)
         return all_indices.gather(1, top), top_values
 
-    def _held_codes(self, u, local, held, values, pattern):
-        """relu of the differentiable pre-activations at the selected latents this shard holds, else 0."""
-        return F.relu(self._encode_selected(u, local, values, pattern)) * held.to(u.dtype)
+    def _held_decode(self, u: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """sum_j z[t, j] W_dec[I[t, j]] over the selected latents this shard holds (differentiable), the
+        ranks' partial sums added.  The held entries move to the front of each token's row and the columns
+        no token needs are dropped, so a shard's sparse work is its share of the selection's."""
+        local = indices - self.shards.rows.start
+        held = (local >= 0) & (local < self.n_latents)
+        width = max(1, int(held.sum(1).max()))  # the most held latents of one token
+        front = (~held).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
+        indices, values = indices.gather(1, front), values.gather(1, front)
+        local, held = self._local(indices)
+        pattern = self._pattern(local)
+        z = F.relu(self._encode_selected(u, local, values, pattern)) * held.to(u.dtype)
+        return _SumOverRanks.apply(self._decode(local, z, pattern))
 
     def _topk_forward(self, u, dead, total_variance) -> TrainOutput:
         k = self.config.k
         kk = 4 * k if self.config.multi_topk else k
         indices, values, aux = self._select(u, dead, kk)
-        local, held = self._local(indices)
-        pattern = self._pattern(local)
-        z = F.relu(values)  # every selected latent's code, known on every rank
-        z_held = self._held_codes(u, local, held, values, pattern)
         b_pre = _Replicated.apply(self.b_pre, self.shards.world)
         zero = total_variance.new_zeros(())
         multi = zero
         if self.config.multi_topk:
-            u_hat_4k = _SumOverRanks.apply(self._decode(local, z_held, pattern)) + b_pre
-            multi = nmse(u_hat_4k, u, total_variance)
+            multi = nmse(self._held_decode(u, indices, values) + b_pre, u, total_variance)
             top = values.topk(k, dim=1, sorted=False).indices
-            indices, local, held, z, z_held = (t.gather(1, top) for t in (indices, local, held, z, z_held))
-            pattern = self._pattern(local)
-        u_hat = _SumOverRanks.apply(self._decode(local, z_held, pattern)) + b_pre
+            indices, values = indices.gather(1, top), values.gather(1, top)
+        u_hat = self._held_decode(u, indices, values) + b_pre
         recon = nmse(u_hat, u, total_variance)
         auxk = zero
         if aux is not None:
-            aux_indices, aux_values = aux
-            aux_local, aux_held = self._local(aux_indices)
-            aux_pattern = self._pattern(aux_local)
-            aux_z = self._held_codes(u, aux_local, aux_held, aux_values, aux_pattern)
             error = (u - u_hat).detach()
-            e_hat = _SumOverRanks.apply(self._decode(aux_local, aux_z, aux_pattern))
+            e_hat = self._held_decode(u, *aux)
             auxk = nmse(e_hat, error, self.variance(error)).nan_to_num(0.0)
         loss = recon + self.auxk_alpha * auxk + multi / 8
         with torch.no_grad():
+            z = F.relu(values)  # every selected latent's code, known on every rank
             active = z > 0
+            local = indices - self.shards.rows.start
+            held = (local >= 0) & (local < self.n_latents)
             fired = torch.zeros(self.n_latents, dtype=torch.bool, device=u.device)
             fired[local[active & held]] = True
             l0 = active.sum(1, dtype=z.dtype).mean()
