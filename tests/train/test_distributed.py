@@ -190,7 +190,7 @@ def cli_run(tmp_path_factory, tiny_llama):
     return args, root / "one" / RUN
 
 
-@pytest.mark.slow  # ~40 s: torchrun and its ranks import torch and transformers afresh
+@pytest.mark.slow  # 17-55 s here: torchrun and its ranks import torch and transformers afresh
 @pytest.mark.parametrize("sets", [[], ["latent_shards=2"]], ids=["data-parallel", "latent-parallel"])
 def test_torchrun_saebench_train_gives_the_one_process_checkpoint(tmp_path, cli_run, sets):
     """`torchrun -m saebench train` end to end on the tiny model, its activation cache new (the ranks take
