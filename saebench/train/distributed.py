@@ -87,7 +87,7 @@ def _leave() -> None:
 def for_config(config: TrainConfig) -> DataParallel | LatentParallel | None:
     """How a trainer with `config` splits its work over the default group: None for one process."""
     world = world_size()
-    if config.latent_shards > 1 or world > 1 and config.latent_shards != 1:
+    if config.latent_shards > 1:
         if config.latent_shards != world:
             raise ValueError(
                 f"latent_shards={config.latent_shards} needs as many processes, this run has {world} "
