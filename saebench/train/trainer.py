@@ -139,6 +139,9 @@ class Trainer:
             for x in stream:
                 if self.finished:
                     break
+                if x.shape[0] < 2:  # a last batch of one token has no variance: its nmse (the loss) is 0/0
+                    self.tokens_seen += x.shape[0]
+                    continue
                 self._window.append(self.train_step(x))
                 bar.update(1)
                 if self.step % self.config.log_every == 0:

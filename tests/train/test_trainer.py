@@ -32,6 +32,16 @@ def test_loss_decreases_and_decoder_stays_unit_norm():
     assert sae.k == 4 and sae.normalization.kind == "layer_norm"
 
 
+def test_a_last_batch_of_one_token_is_not_trained_on():
+    # 10 batches and one token: one token has no variance, so its nmse (the loss) is 0/0 and NaNs the weights
+    data = [torch.cat(list(planted_batches(10, 128, d=D)))]
+    data = [torch.cat([data[0], data[0][:1]])]
+    trainer = Trainer(tiny(max_tokens=10 * 128 + 1), D)
+    sae = trainer.fit(data, progress=False)
+    assert trainer.step == 10 and trainer.tokens_seen == 10 * 128 + 1 and trainer.finished
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
 def test_b_pre_is_the_geometric_median_and_encoder_is_tied_at_init():
     data = planted_batches(4, 128, d=D)
     trainer = Trainer(tiny(), D)
