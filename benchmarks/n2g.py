@@ -6,11 +6,12 @@ On the default model with a 16,384-latent TopK SAE (by default the built-in rand
   - the metric's wall time and its share in the model (re-runs to the site), the trie (build, prediction),
     scoring and explanation reconstruction (spliced runs);
   - forward passes and tokens of the re-runs against the fewest the search needs given its answers
-    (L* and L* - 1 tested, the anchor, one saliency run per suffix token);
+    (L* and L* - 1 tested, the anchor, the L* saliency variants on the suffix's cached keys), and how
+    many of them ran as full reruns and how many on cached keys;
   - the values with the token and random baselines beside them.
 
     python benchmarks/n2g.py [--checkpoint builtin:random-topk:n=16384,k=32] [--latents 64]
-        [--n-build-tokens 16384] [--n-score-tokens 16384] [--search bracket]
+        [--n-build-tokens 32768] [--n-score-tokens 32768] [--search bracket]   (the metric's defaults)
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--checkpoint", default="builtin:random-topk:n=16384,k=32")
     p.add_argument("--latents", type=int, default=64)
-    p.add_argument("--n-build-tokens", type=int, default=16384)
-    p.add_argument("--n-score-tokens", type=int, default=16384)
+    p.add_argument("--n-build-tokens", type=int, default=N2GParams.n_build_tokens)
+    p.add_argument("--n-score-tokens", type=int, default=N2GParams.n_score_tokens)
     p.add_argument("--search", default="bracket")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -83,11 +84,16 @@ def main() -> None:
     print(f"n2g, {c['latents_sampled']} latents, search {search}: {wall:.1f} s (target < 240 s)")
     shares = {k: v for k, v in s.items() if k != "total"}
     print("  time: " + ", ".join(f"{k} {v:.1f} s ({v / wall:.0%})" for k, v in shares.items()))
+    kv = sum(v for k, v in result.details["reruns"]["tokens"].items() if k in ("base", "saliency"))
     print(
-        f"  re-runs: {calls['forwards']} forward passes to the site, {c['rerun_sequences']} sequences, "
-        f"{c['rerun_tokens']} tokens ({calls['padded_tokens']} padded); fewest the search needs: "
+        f"  re-runs: {c['rerun_sequences']} sequences, {c['rerun_tokens']} tokens; fewest the search needs: "
         f"{c['fewest_sequences']} sequences, {c['fewest_tokens']} tokens "
         f"(x{c['rerun_tokens'] / max(c['fewest_tokens'], 1):.2f} tokens)"
+    )
+    print(
+        f"  of which full reruns (suffix search, anchors): {calls['forwards']} forward passes to the site, "
+        f"{c['rerun_tokens'] - kv} tokens, {calls['padded_tokens']} padded; suffixes and saliency variants "
+        f"on cached keys: {kv} tokens"
     )
     print(f"  by phase: {result.details['reruns']}")
     print(f"  minimal suffix length quantiles: {result.details['suffix_length_quantiles']}")
