@@ -132,27 +132,7 @@ def vs_l0_figure(rows: list[Row], metric: str, plot: Plot):
         groups.setdefault((r.family, int(r.checkpoint.get("n_latents") or 0)), []).append(r)
     for (family, n), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.get(*plot.against))
-        xs, ys = [r.get(*plot.against) for r in rs], [r.get(*y) for r in rs]
-        ax.plot(
-            xs,
-            ys,
-            marker=families[family],
-            color=colours[n],
-            lw=1.3,
-            ms=5,
-            gid="series",
-            label=f"{family}, n={n}",
-        )
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=_err(rs, *y),
-            xerr=_err(rs, *plot.against),
-            fmt="none",
-            ecolor=colours[n],
-            elinewidth=0.8,
-            capsize=0,
-        )
+        _series(ax, rs, plot.against, y, families[family], colours[n], f"{family}, n={n}")
     plain_log_axis(ax, "x", [r.get(*plot.against) for r in use])
     if plot.log:
         plain_log_axis(ax, "y", [r.get(*y) for r in use])
@@ -162,6 +142,15 @@ def vs_l0_figure(rows: list[Row], metric: str, plot: Plot):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _series(ax, rs: list[Row], x: tuple[str, str], y: tuple[str, str], marker: str, colour, label: str):
+    """One line series (gid "series") through the rows' (x, y) values, with their intervals as error bars."""
+    xs, ys = [r.get(*x) for r in rs], [r.get(*y) for r in rs]
+    ax.plot(xs, ys, marker=marker, color=colour, lw=1.3, ms=5, gid="series", label=label)
+    ax.errorbar(
+        xs, ys, yerr=_err(rs, *y), xerr=_err(rs, *x), fmt="none", ecolor=colour, elinewidth=0.8, capsize=0
+    )
 
 
 def _fixed_l0(r: Row) -> int | None:
@@ -190,27 +179,7 @@ def at_fixed_l0_figure(rows: list[Row], metric: str, plot: Plot):
     colours = _colours([k for _, k in groups])
     for (family, k), rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r.checkpoint["n_latents"])
-        xs, ys = [r.get(*plot.against) for r in rs], [r.get(*y) for r in rs]
-        ax.plot(
-            xs,
-            ys,
-            marker=families[family],
-            color=colours[k],
-            lw=1.3,
-            ms=5,
-            gid="series",
-            label=f"{family}, L0={k}",
-        )
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=_err(rs, *y),
-            xerr=_err(rs, *plot.against),
-            fmt="none",
-            ecolor=colours[k],
-            elinewidth=0.8,
-            capsize=0,
-        )
+        _series(ax, rs, plot.against, y, families[family], colours[k], f"{family}, L0={k}")
     shown = [r for rs in groups.values() for r in rs]
     plain_log_axis(ax, "x", [r.get(*plot.against) for r in shown])
     if plot.log:
