@@ -60,6 +60,10 @@ class TrainConfig:
     activation and batch size, budget within 2x; `lr_trend.py`), else 2e-4 / sqrt(n_latents / 2**14) (the
     paper's 1/sqrt(n) law); the checkpoint records the lr used and what chose it."""
 
+    lr_at_n: int | None = None
+    """With lr unset: train at the lr a run of this many latents would get (same trend or rule, same
+    budget and batch), not n_latents' own; the fixed-lr sweep uses it to hold every n at n=2048's lr."""
+
     adam_beta1: float = 0.9
     """Adam's beta1."""
 
@@ -148,6 +152,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.k_aux is not None and self.k_aux < 1:
             raise ValueError(f"k_aux must be positive (auxk_alpha=0 turns AuxK off), got {self.k_aux}")
+        if self.lr_at_n is not None and self.lr_at_n < 1:
+            raise ValueError(f"lr_at_n must be a positive number of latents, got {self.lr_at_n}")
         for name in ("n_latents", "batch_size", "dead_tokens", "geometric_median_tokens", "chunk_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

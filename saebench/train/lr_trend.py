@@ -89,15 +89,16 @@ def why_not(trend: dict, config: TrainConfig) -> str | None:
 
 def choose_lr(config: TrainConfig, trend_file: str | Path | None = None) -> LrChoice:
     """The lr config trains at and its source (see the module docstring); `trend_file` overrides the
-    trend in force."""
+    trend in force.  With `config.lr_at_n` set, the lr is the one a run of that many latents would get."""
     if config.lr is not None:
         return LrChoice(config.lr, "set")
+    n = config.lr_at_n if config.lr_at_n is not None else config.n_latents
+    at = f" at n={n}" if config.lr_at_n is not None else ""
     path = Path(trend_file) if trend_file is not None else trend_path()
     trend = load_trend(path) if path is not None else None
     if trend is None:
-        return LrChoice(paper_lr(config.n_latents), "paper rule")
+        return LrChoice(paper_lr(n), f"paper rule{at}")
     reason = why_not(trend, config)
     if reason is not None:
-        return LrChoice(paper_lr(config.n_latents), f"paper rule (trend {path} {reason})")
-    lr = trend["a"] * config.n_latents ** trend["b"]
-    return LrChoice(lr, f"trend {path} (fit {trend['fit_id']})")
+        return LrChoice(paper_lr(n), f"paper rule{at} (trend {path} {reason})")
+    return LrChoice(trend["a"] * n ** trend["b"], f"trend {path} (fit {trend['fit_id']}){at}")

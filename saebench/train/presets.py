@@ -6,9 +6,9 @@ The baseline sweep (Gao et al. 2024's comparison at small scale):
     full-length runs until the run ends at L0 ~ k (`l1_target_l0`, see `l1_search.py`);
   - one ablation: TopK n=16384, k=32 without AuxK and with independent (untied) encoder init.
 
-The fixed-lr sweep repeats the TopK grid with every n at the lr the paper's law gives n=2048
-(2e-4 sqrt(8)): at short budgets the 1/sqrt(n) law leaves large dictionaries undertrained, and this
-sweep shows how much of the nmse-vs-n trend that accounts for.
+The fixed-lr sweep repeats the TopK grid with every n at the lr n=2048 gets (the fitted trend where one
+applies, else the paper's law: 2e-4 sqrt(8); `lr_at_n`): a falling lr leaves large dictionaries
+undertrained at short budgets, and this sweep shows how much of the nmse-vs-n trend that accounts for.
 
 The lr sweep (Gao et al. sweep the lr at small scale and extrapolate the trend): TopK at k=32 for every
 n in SWEEP_N, each at LR_FACTORS times the paper's lr for that n, 2x to 16x in steps of 2^0.75 (5 points,
@@ -48,13 +48,13 @@ def _baseline() -> dict[str, TrainConfig]:
     return presets
 
 
-#: the lr of the fixed-lr sweep: the paper's law at the smallest n
-FIXED_LR = paper_lr(min(SWEEP_N))
+#: the fixed-lr sweep trains every n at the lr of the smallest n
+FIXED_LR_N = min(SWEEP_N)
 
 
 def _fixed_lr() -> dict[str, TrainConfig]:
     return {
-        f"topk-n{n}-k{k}-fixedlr": TrainConfig(activation="topk", n_latents=n, k=k, lr=FIXED_LR)
+        f"topk-n{n}-k{k}-fixedlr": TrainConfig(activation="topk", n_latents=n, k=k, lr_at_n=FIXED_LR_N)
         for n in SWEEP_N
         for k in SWEEP_K
     }

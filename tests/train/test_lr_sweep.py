@@ -16,7 +16,7 @@ from saebench.train.lr_sweep import (
     install_trend,
 )
 from saebench.train.lr_trend import choose_lr, paper_lr
-from saebench.train.presets import LR_FACTORS, LR_SWEEP, PRESETS, SWEEPS
+from saebench.train.presets import LR_FACTORS, LR_SWEEP, PRESETS, SWEEPS, sweep
 from saebench.train.runs import train_runs
 from saebench.train.trainer import Trainer
 
@@ -100,6 +100,22 @@ def test_lr_choice_set_trend_and_paper_rule(tmp_path, monkeypatch):
     assert like_the_sweep.lr_choice() == (paper_lr(4096), "paper rule")
     monkeypatch.setenv("SAEBENCH_LR_TREND", str(path))
     assert like_the_sweep.effective_lr() == pytest.approx(trend["a"] * 4096 ** trend["b"])
+
+
+def test_fixed_lr_sweep_holds_every_n_at_the_lr_of_the_smallest_n(tmp_path, monkeypatch):
+    path = _trend_file(tmp_path)
+    trend = json.loads(path.read_text())
+    configs = sweep("fixed-lr", batch_size=1024, max_tokens=400_000)
+    assert {c.lr_at_n for c in configs.values()} == {2048} and {c.lr for c in configs.values()} == {None}
+    monkeypatch.setenv("SAEBENCH_LR_TREND", str(path))
+    for config in configs.values():
+        lr, source = config.lr_choice()
+        assert lr == pytest.approx(trend["a"] * 2048 ** trend["b"]) and source.endswith(" at n=2048")
+    monkeypatch.setenv("SAEBENCH_LR_TREND", "none")
+    big = configs["topk-n16384-k32-fixedlr"]
+    assert big.lr_choice() == (paper_lr(2048), "paper rule at n=2048") and paper_lr(2048) != paper_lr(16384)
+    with pytest.raises(ValueError, match="lr_at_n"):
+        TrainConfig(lr_at_n=0)
 
 
 def test_tiny_lr_sweep_scores_fits_resumes_and_its_trend_trains_the_next_run(
