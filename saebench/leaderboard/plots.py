@@ -5,7 +5,7 @@
     bar plots a metric declares: one bar per checkpoint;
     metrics_vs_n.png: every ranked compact value (`Metric.compact`) against n at one k, one panel each;
     at_fixed_l0 plots (`Plot(kind="at_fixed_l0")`): a value against another, one line per (family, k) across
-        n; `EXTRA_PLOTS` declares the paper's delta_ce against nmse;
+        n (downstream declares the paper's delta_ce against nmse);
     nmse_vs_n_fits.png: nmse against n per k with the fitted L(N) (solid) and L(N, K) (dashed) drawn over.
 
 Log axes carry plain tick labels (16, 32, 64).  Every data series is a Line2D with gid "series" (fitted
@@ -24,21 +24,6 @@ from saebench.leaderboard import Row
 from saebench.metrics.registry import Plot
 
 MARKERS = "osD^v<>PX*"
-#: plots the paper draws that no metric file declares yet, as (metric, Plot)
-EXTRA_PLOTS = (
-    (
-        "downstream",
-        Plot(
-            "delta_ce_vs_nmse.png",
-            "delta_ce",
-            "delta_ce (nats)",
-            kind="at_fixed_l0",
-            log=True,
-            against=("core", "nmse"),
-            against_label="nmse",
-        ),
-    ),
-)
 FITS_FILE = "nmse_vs_n_fits.png"
 VS_N_FILE = "metrics_vs_n.png"
 
@@ -327,7 +312,7 @@ def plots(rows: list[Row], out: Path) -> list[str]:
     from saebench.metrics.registry import metrics
 
     plt = _plt()
-    declared = [(m.name, plot) for m in metrics() for plot in m.plots] + list(EXTRA_PLOTS)
+    declared = [(m.name, plot) for m in metrics() for plot in m.plots]
     made = []
 
     def keep(fig, name):

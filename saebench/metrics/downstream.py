@@ -198,6 +198,17 @@ register(
         params=DownstreamParams,
         headline=("delta_ce", "kl", "loss_recovered"),
         lower_is_better=frozenset({"delta_ce", "kl", "ce_spliced"}),
-        plots=(Plot("delta_ce_vs_l0.png", "delta_ce", "delta CE (nats/token)"),),
+        plots=(
+            Plot("delta_ce_vs_l0.png", "delta_ce", "delta CE (nats/token)"),
+            Plot(
+                "delta_ce_vs_nmse.png",
+                "delta_ce",
+                "delta_ce (nats)",
+                kind="at_fixed_l0",
+                log=True,
+                against=("core", "nmse"),
+                against_label="nmse",
+            ),
+        ),
     )
 )
