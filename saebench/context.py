@@ -127,8 +127,8 @@ class EvalContext:
 class Reconstructions:
     """One SAE over the evaluation windows' positions 1..: encoded batch by batch, raw x_hat kept.
 
-    Tokens are encoded `chunk_tokens` at a time so the dense pre-activations stay small (chunk x
-    n_latents); latents leave as sparse codes.
+    Tokens are encoded `chunk_tokens` at a time and a wide SAE's latents in chunks (`SAE.latent_chunk`), so
+    the dense pre-activations stay small (at most `SCRATCH_ELEMENTS`); latents leave as sparse codes.
     """
 
     def __init__(self, context: EvalContext, sae: SAE, chunk_tokens: int = 512):

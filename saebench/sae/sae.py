@@ -25,6 +25,11 @@ state a raw-space decode needs travels with the codes, so nothing downstream cal
     u_hat = sae.decode_sparse(codes)              SAE-space u_hat, no normalisation
     rec = sae.reconstruct(x, scratch)             Reconstruction(u, u_hat, x_hat, codes, state)
 
+Wide SAEs encode in latent chunks: at most `SCRATCH_ELEMENTS` pre-activations (tokens x latents) exist at
+once, and the codes of each chunk are merged into the running result (TopK: the k largest of the running
+top-k and the chunk's own top-k, which is the top-k over all latents; ReLU, JumpReLU, gated: the union of
+each chunk's active latents).  SAEs of ordinary width (tokens x n_latents within the bound) take one chunk.
+
 Codes may be edited before decoding (a latent zeroed, values rescaled), and a subset of tokens taken with
 `select(rows)` on codes and state alike.  Decoding is differentiable in `codes.values` on a fixed support
 (and in W_dec, b_dec).  `encode(x)`, `decode(z, x)` and `forward(x)` are the dense equivalents for
@@ -42,6 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = ("relu", "topk", "jumprelu", "gated")
+#: most pre-activations (tokens x latents) one encode holds at once (128 MB in float32); wider SAEs encode
+#: in latent chunks
+SCRATCH_ELEMENTS = 1 << 25
 NORMALIZATIONS = ("none", "constant", "token_norm", "layer_norm")
 
 
@@ -260,6 +268,15 @@ class SAEInfo:
     extra: dict = field(default_factory=dict)
 
 
+def _active(pre: torch.Tensor, floor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The m = most active entries per row of `pre` (tokens, width) above `floor`, m the largest count in
+    any row (at least 1): (values, indices), inactive ones -inf.  Overwrites `pre`."""
+    # inactive entries become -inf in place; the m most active per token are then the top-m
+    pre.masked_fill_(pre <= floor, -torch.inf)
+    m = max(int(torch.isfinite(pre).sum(-1).max()), 1) if pre.shape[0] else 1
+    return pre.topk(m, dim=-1, sorted=False)
+
+
 class SAE(nn.Module):
     """A sparse autoencoder in raw residual space (see the module docstring for the equations)."""
 
@@ -330,26 +347,78 @@ class SAE(nn.Module):
         # addmm adds the bias inside the matmul: one pass over the (tokens x n_latents) output, not two
         return torch.addmm(self.b_enc, u - self.b_pre, self.W_enc, out=out)
 
-    def scratch(self, tokens: int) -> torch.Tensor:
-        """A reusable (tokens x n_latents) buffer for `encode_sparse`: fresh large allocations are slow."""
-        return torch.empty(tokens, self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
+    def latent_chunk(self, tokens: int) -> int:
+        """Latents encoded at once for `tokens` tokens: all of them when tokens x n_latents is within
+        `SCRATCH_ELEMENTS`, else as many as fit (at least one)."""
+        return max(1, min(self.n_latents, SCRATCH_ELEMENTS // max(tokens, 1)))
 
-    def encode_sparse(self, u: torch.Tensor, scratch: torch.Tensor | None = None) -> SparseCodes:
+    def scratch(self, tokens: int, latent_chunk: int | None = None) -> torch.Tensor:
+        """A reusable (tokens x chunk) buffer for `encode_sparse`, chunk = `latent_chunk(tokens)` unless
+        given: fresh large allocations are slow."""
+        width = min(self.n_latents, latent_chunk or self.latent_chunk(tokens))
+        return torch.empty(tokens, width, dtype=self.W_enc.dtype, device=self.W_enc.device)
+
+    def encode_sparse(
+        self, u: torch.Tensor, scratch: torch.Tensor | None = None, latent_chunk: int | None = None
+    ) -> SparseCodes:
         """Latents of SAE-space inputs u (tokens, d) as (indices, values).
 
         `scratch` (from `self.scratch(at least tokens)`) receives the dense pre-activations, which are
-        overwritten; the returned codes do not alias it.
+        overwritten; the returned codes do not alias it.  Latents are encoded `latent_chunk` at a time
+        (default: the scratch's width, else `self.latent_chunk(tokens)`); every chunking gives the same
+        codes up to the order of each token's entries.
         """
-        out = scratch[: u.shape[0]] if scratch is not None and scratch.shape[0] >= u.shape[0] else None
+        tokens, n = u.shape[0], self.n_latents
+        if scratch is not None and (scratch.shape[0] < tokens or not scratch.is_contiguous()):
+            scratch = None
+        width = latent_chunk or (scratch.shape[1] if scratch is not None else self.latent_chunk(tokens))
+        if width >= n:
+            fits = scratch is not None and scratch.shape[1] == n
+            return self._encode_all(u, scratch[:tokens] if fits else None)
+        return self._encode_chunked(u, width, scratch)
+
+    def _encode_all(self, u: torch.Tensor, out: torch.Tensor | None) -> SparseCodes:
+        """Every latent at once (`out`: a (tokens, n_latents) buffer or None)."""
         pre = self.pre_activations(u, out)
         if self.activation == "topk":
             values, indices = pre.topk(self.k, dim=-1, sorted=False)
             return SparseCodes(indices, values.clamp_min(0))
-        floor = self.threshold.clamp_min(0) if self.activation == "jumprelu" else 0.0
-        # inactive entries become -inf in place; the m = most active per token are then the top-m
-        pre.masked_fill_(pre <= floor, -torch.inf)
-        m = max(int(torch.isfinite(pre).sum(-1).max()), 1) if pre.shape[0] else 1
-        values, indices = pre.topk(m, dim=-1, sorted=False)
+        return self._finish(*_active(pre, self._floor(slice(None))))
+
+    def _encode_chunked(self, u: torch.Tensor, width: int, scratch: torch.Tensor | None) -> SparseCodes:
+        """Latents [a, a + width) at a time; TopK keeps a running top-k, the others collect active sets."""
+        tokens, n, topk = u.shape[0], self.n_latents, self.activation == "topk"
+        flat = None if scratch is None or scratch.numel() < tokens * width else scratch.view(-1)
+        centred = u - self.b_pre
+        values, indices = [], []
+        for a in range(0, n, width):
+            latents = slice(a, min(a + width, n))
+            size = latents.stop - a
+            # a contiguous view of the buffer, which addmm writes into without a copy
+            out = None if flat is None else flat[: tokens * size].view(tokens, size)
+            pre = torch.addmm(self.b_enc[latents], centred, self.W_enc[:, latents], out=out)
+            if topk:
+                v, i = pre.topk(min(self.k, size), dim=-1, sorted=False)
+            else:
+                v, i = _active(pre, self._floor(latents))
+            values.append(v)
+            indices.append(i + a)
+            if topk and sum(v.shape[1] for v in values) > self.k:
+                v, where = torch.cat(values, 1).topk(self.k, dim=-1, sorted=False)
+                values, indices = [v], [torch.cat(indices, 1).gather(1, where)]
+        values, indices = torch.cat(values, 1), torch.cat(indices, 1)
+        if topk:
+            return SparseCodes(indices, values.clamp_min(0))
+        # each chunk padded its tokens to its own widest count: keep the m most active per token overall
+        values, where = _active(values, -torch.inf)
+        return self._finish(values, indices.gather(1, where))
+
+    def _floor(self, latents: slice):
+        """What a pre-activation must exceed to be active (ReLU, gated: 0; JumpReLU: its threshold)."""
+        return self.threshold[latents].clamp_min(0) if self.activation == "jumprelu" else 0.0
+
+    def _finish(self, values: torch.Tensor, indices: torch.Tensor) -> SparseCodes:
+        """Codes from the active pre-activations (inactive entries -inf): gated rescales them."""
         active = torch.isfinite(values)
         if self.activation == "gated":
             x_enc = values - self.b_enc[indices]
