@@ -11,6 +11,10 @@ p = sigmoid(w f_j + b) on the standardised pooled feature, fitted by Newton-Raph
     probe_loss_residual = the same with the d_model raw residual channels, pooled the same way, as features
     probe_loss_prior   = mean test CE of predicting the train prior
 
+Wide SAEs: the pooled latents are kept sparse (the pooled codes, `PooledLatents`) and the probes are
+fitted `POOLED_ELEMENTS // n_examples` latents at a time, keeping the best so far (the first latent of the
+lowest train CE, as one fit over all latents picks); nothing of size examples x n_latents is held at once.
+
 Intervals resample tasks.  Per task the details keep the chosen latent's id, train CE, test CE and test
 AUROC, the residual channel's, and the prior's CE.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,6 +39,8 @@ from saebench.metrics.stats import mean_estimate
 from saebench.sae.sae import SAE
 
 FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: pooled values (examples x latents) densified at once for the probe fits: 128 MB in float64
+POOLED_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -52,7 +58,8 @@ class ProbesParams:
     #: precision of the logistic fits: float32 agrees with scikit-learn's float64 fits to ~1e-6 in test CE
     #: and is twice as fast; float64 for reference
     fit_dtype: str = "float32"
-    #: tokens encoded by the SAE at once: the dense pre-activations are chunk_tokens x n_latents
+    #: tokens encoded by the SAE at once: the dense pre-activations are chunk_tokens x n_latents, or x a
+    #: chunk of the latents for a wide SAE (`SAE.latent_chunk`)
     chunk_tokens: int = 1024
 
     def __post_init__(self):
@@ -80,15 +87,52 @@ class BestProbe:
     test_auroc: float
 
 
-def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> torch.Tensor:
-    """Pooled SAE latents (n_examples, n_latents) float64 from the task's cached residuals.
+class PooledLatents:
+    """A task's SAE latents pooled per example, kept sparse: the entries (example, latent, value) of its
+    tokens' codes, whose sum per (example, latent) is the pooled value for `mean` (values pre-scaled by
+    1 / length) and `last` (one token per example), and whose max (from 0) is it for `max`.
+
+    `columns(a, b)` is the dense block of latents [a, b), (n_examples, b - a) float64.
+    """
+
+    def __init__(self, n_examples: int, n_latents: int, pool: str, example, latent, value):
+        self.n_examples, self.n_latents, self.pool = n_examples, n_latents, pool
+        self.example, self.latent, self.value = example, latent, value
+        self._by_latent = None
+
+    def finite(self) -> bool:
+        """Whether every pooled value is finite (sums and maxima of finite float32 values in float64 are)."""
+        return bool(torch.isfinite(self.value).all())
+
+    def columns(self, start: int, stop: int) -> torch.Tensor:
+        """Pooled values of latents [start, stop) for every example, (n_examples, stop - start) float64."""
+        example, latent, value = self.example, self.latent, self.value
+        if (start, stop) != (0, self.n_latents):
+            if self._by_latent is None:
+                # stable: within one (example, latent) the entries keep their token order, so each block
+                # sums them in the order a block of all latents does
+                order = torch.argsort(latent, stable=True)
+                self._by_latent = (example[order], latent[order], value[order])
+            example, latent, value = self._by_latent
+            lo, hi = torch.searchsorted(latent, torch.tensor([start, stop], device=latent.device)).tolist()
+            example, latent, value = example[lo:hi], latent[lo:hi], value[lo:hi]
+        width = stop - start
+        out = torch.zeros(self.n_examples * width, dtype=torch.float64, device=value.device)
+        where = example * width + (latent - start)
+        if self.pool == "max":
+            out.scatter_reduce_(0, where, value, "amax")
+        else:
+            out.index_add_(0, where, value)
+        return out.view(self.n_examples, width)
+
+
+def pooled_codes(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> PooledLatents:
+    """The task's SAE latents pooled per example (mean, max or last over positions 1..), kept sparse.
 
     Latents are >= 0 and an inactive latent is exactly 0, so max pooling starts from 0 and a sum over the
     sparse codes is the sum over all latents.  `last` encodes only each example's last position.
     """
-    n_ex, n = acts.n_examples, sae.n_latents
-    lengths = acts.lengths
-    out = torch.zeros(n_ex * n, dtype=torch.float64, device=device)
+    n_ex, lengths = acts.n_examples, acts.lengths
     if pool == "last":
         examples = np.flatnonzero(lengths > 0)
         rows = acts.offsets[1:][examples] - 1
@@ -99,19 +143,29 @@ def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, devic
     examples_t = torch.from_numpy(examples).to(device)
     scale_t = torch.from_numpy(scale).to(device)
     scratch = sae.scratch(min(chunk_tokens, max(len(examples), 1)))
+    parts = []
     with torch.inference_mode():
         for lo in range(0, len(examples), chunk_tokens):
             hi = min(lo + chunk_tokens, len(examples))
             block = acts.resid[lo:hi] if rows is None else acts.resid[rows[lo:hi]]
             x = torch.from_numpy(np.array(block)).to(device, sae.W_enc.dtype)
             codes = sae.encode_codes(x, scratch).codes
-            where = (examples_t[lo:hi, None] * n + codes.indices).reshape(-1)
-            values = (codes.values.double() * scale_t[lo:hi, None]).reshape(-1)
-            if pool == "max":
-                out.scatter_reduce_(0, where, values, "amax")
-            else:
-                out.index_add_(0, where, values)
-    return out.view(n_ex, n)
+            active = codes.values != 0
+            parts.append(
+                (
+                    examples_t[lo:hi, None].expand_as(codes.indices)[active],
+                    codes.indices[active],
+                    (codes.values.double() * scale_t[lo:hi, None])[active],
+                )
+            )
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    example, latent, value = (torch.cat(p) for p in zip(*parts, strict=True)) if parts else (empty,) * 3
+    return PooledLatents(n_ex, sae.n_latents, pool, example, latent, value.double())
+
+
+def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> torch.Tensor:
+    """Pooled SAE latents (n_examples, n_latents) float64, dense (`pooled_codes` keeps them sparse)."""
+    return pooled_codes(sae, acts, pool, chunk_tokens, device).columns(0, sae.n_latents)
 
 
 def pool_residual(acts: TaskActivations, pool: str) -> np.ndarray:
@@ -145,6 +199,22 @@ def best_probe(features: torch.Tensor, labels: np.ndarray, n_train: int, params:
     scores = (fit.w[j] * test[:, j].double() + fit.b[j]).cpu().numpy()
     test_ce = float(cross_entropy(test[:, j : j + 1], y[n_train:], fit.w[j : j + 1], fit.b[j : j + 1])[0])
     return BestProbe(j, float(fit.train_ce[j]), test_ce, auroc(scores, labels[n_train:]))
+
+
+def best_latent_probe(
+    pooled: PooledLatents, labels: np.ndarray, n_train: int, params: ProbesParams, chunk: int | None = None
+) -> BestProbe:
+    """`best_probe` over every latent, fitted `chunk` latents at a time (default: POOLED_ELEMENTS //
+    n_examples, all of them for ordinary widths); a later block wins only with a strictly lower train CE,
+    so the latent is the one a single fit over all latents picks."""
+    n = pooled.n_latents
+    width = max(1, min(n, chunk or POOLED_ELEMENTS // max(pooled.n_examples, 1)))
+    best = None
+    for start in range(0, n, width):
+        found = best_probe(pooled.columns(start, min(start + width, n)), labels, n_train, params)
+        if best is None or found.train_ce < best.train_ce:
+            best = replace(found, feature=found.feature + start)
+    return best
 
 
 def prior_ce(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
@@ -209,14 +279,14 @@ def compute(context: EvalContext, sae: SAE, params: ProbesParams) -> MetricResul
         t0 = time.perf_counter()
         acts = site_task_activations(context.site, task)
         t1 = time.perf_counter()
-        latents = pool_latents(sae, acts, task.pool, params.chunk_tokens, context.device)
-        if not bool(torch.isfinite(latents).all()):
+        pooled = pooled_codes(sae, acts, task.pool, params.chunk_tokens, context.device)
+        if not pooled.finite():
             raise FloatingPointError(
                 f"probes: SAE latents on task {task.name!r} contain NaN or inf ({sae.info.path})"
             )
         t2 = time.perf_counter()
-        best = best_probe(latents, acts.labels, acts.n_train, params)
-        del latents
+        best = best_latent_probe(pooled, acts.labels, acts.n_train, params)
+        del pooled
         t3 = time.perf_counter()
         best_residual = residual_baseline(context, task, acts, params)
         t4 = time.perf_counter()

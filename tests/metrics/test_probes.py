@@ -8,9 +8,20 @@ import torch
 
 from saebench.data.task_activations import site_task_activations, tokenize_examples
 from saebench.data.tasks import discover_tasks
-from saebench.metrics.probes import ProbesParams, auroc, best_probe, pool_latents, pool_residual
+from saebench.metrics import probes as probes_module
+from saebench.metrics.probes import (
+    PooledLatents,
+    ProbesParams,
+    auroc,
+    best_latent_probe,
+    best_probe,
+    pool_latents,
+    pool_residual,
+    pooled_codes,
+)
 from saebench.metrics.probes import compute as probes
 from saebench.metrics.registry import get_metric
+from saebench.sae import sae as sae_module
 from tests.conftest import random_sae
 
 POSITIVE_LETTERS, NEGATIVE_LETTERS = "abcdefghijklm", "nopqrstuvwxyz"
@@ -164,6 +175,73 @@ def test_pooling_matches_dense_encoding(make_context, task_dir, pool, activation
     first = np.asarray(acts.resid[acts.offsets[0] : acts.offsets[1]], dtype=np.float64)
     want0 = {"mean": first.mean(0), "max": first.max(0), "last": first[-1]}[pool]
     np.testing.assert_allclose(residual[0], want0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "last"])
+def test_pooled_blocks_are_the_dense_pooling(make_context, task_dir, pool):
+    context = make_context()
+    acts = site_task_activations(context.site, tiny_task(task_dir))
+    sae = random_sae(context.model.d_model, 40, activation="relu", normalization="layer_norm")
+    pooled = pooled_codes(sae, acts, pool, chunk_tokens=37, device="cpu")
+    dense = pooled.columns(0, 40)
+    assert dense.shape == (acts.n_examples, 40) and bool((dense != 0).any())
+    for a, b in [(0, 7), (7, 19), (19, 40), (5, 6), (12, 12)]:
+        assert torch.equal(pooled.columns(a, b), dense[:, a:b]), (a, b)
+
+
+def sparse_pooled(dense: torch.Tensor, pool: str = "mean") -> PooledLatents:
+    example, latent = torch.nonzero(dense, as_tuple=True)
+    return PooledLatents(*dense.shape, pool, example, latent, dense[example, latent])
+
+
+def test_chunked_probe_fit_picks_the_latent_of_one_fit():
+    """Fitted in blocks of latents, the probes select the latent (the first of equal train CE) and give
+    the values that one fit over all latents gives."""
+    g = torch.Generator().manual_seed(0)
+    n_ex, n_train, n = 60, 36, 50
+    labels = np.arange(n_ex) % 2 == 0
+    signal = torch.from_numpy(labels).double() * 0.4
+    dense = torch.rand(n_ex, n, generator=g, dtype=torch.float64) + signal[:, None] * torch.rand(
+        n, generator=g
+    )
+    dense[torch.rand(n_ex, n, generator=g) < 0.6] = 0  # sparse, as pooled codes are
+    dense[:, 7:9] = 0  # dead latents: constant columns
+    dense[:, 41] = dense[:, 23] = torch.from_numpy(labels).double() * 0.9 + 0.2 * dense[:, 3]
+    params = ProbesParams(fit_dtype="float64")
+    want = best_probe(dense, labels, n_train, params)
+    assert want.feature == 23  # the better of two equal columns is the first
+    pooled = sparse_pooled(dense)
+    for chunk in (1, 7, 24, 50, None):
+        got = best_latent_probe(pooled, labels, n_train, params, chunk)
+        assert got.feature == want.feature, chunk
+        assert got.train_ce == pytest.approx(want.train_ce, rel=1e-12, abs=0)
+        assert got.test_ce == pytest.approx(want.test_ce, rel=1e-12, abs=0)
+        assert got.test_auroc == want.test_auroc
+
+
+def test_probes_on_a_wide_sae_match_one_fit(make_context, task_dir, monkeypatch):
+    """With the encode and the fits chunked (tiny bounds stand in for a wide SAE) the metric's result is
+    the unchunked one (in float64: float32 blocks agree to float32 rounding, ~1e-7)."""
+    context = make_context()
+    sae = random_sae(context.model.d_model, 48, activation="topk", k=6, normalization="layer_norm", seed=4)
+    sae = sae.double()
+    params = params_for(task_dir, fit_dtype="float64")
+    want = probes(context, sae, params)
+    monkeypatch.setattr(probes_module, "POOLED_ELEMENTS", 5 * 52)  # 5 latents of 52 examples per fit
+    monkeypatch.setattr(sae_module, "SCRATCH_ELEMENTS", 11 * 37)  # encode 11 latents at a time
+    columns = []
+    dense_columns = PooledLatents.columns
+    monkeypatch.setattr(
+        PooledLatents, "columns", lambda s, a, b: columns.append(b - a) or dense_columns(s, a, b)
+    )
+    got = probes(context, sae, params)
+    assert set(columns) == {5, 3}
+    for name, detail in want.details["tasks"].items():
+        assert got.details["tasks"][name]["latent"] == detail["latent"]
+        for key, value in detail.items():
+            expected = pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value
+            assert got.details["tasks"][name][key] == expected, (name, key)
+    assert got.values["probe_loss"].value == pytest.approx(want.values["probe_loss"].value, rel=1e-9)
 
 
 def test_auroc_matches_pairwise_definition():
