@@ -95,9 +95,7 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
         directions = vecs.flip(1).T  # (d, d), rows by decreasing variance
         W_dec = torch.cat([directions, -directions])
     else:
-        g = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(spec.n, d, generator=g, dtype=torch.float64)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        W_dec = random_directions(spec.n, d, seed)
     n = W_dec.shape[0]
     if not 0 < spec.k <= n:
         raise ValueError(f"{BUILTIN_PREFIX}{spec.name} has {n} latents; k={spec.k} must be between 1 and {n}")
@@ -108,10 +106,11 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
         extra={"fit_tokens": len(x), "k": spec.k, "space": spec.space},
     )
     f = torch.float32
+    W_dec = W_dec.to(f)
     return SAE(
-        W_dec.T.contiguous().to(f),
+        W_dec.T.contiguous(),
         torch.zeros(n, dtype=f),
-        W_dec.to(f),
+        W_dec,
         mu.to(f),
         activation="topk",
         k=spec.k,
@@ -119,3 +118,22 @@ def build_builtin(spec: BuiltinSpec, sample: torch.Tensor, *, seed: int = 0) -> 
         normalization=normalization,
         info=info,
     )
+
+
+def random_directions(n: int, d: int, seed: int, block_rows: int = 1 << 14) -> torch.Tensor:
+    """n random unit vectors (n, d) float32: float64 normal draws normalised, `block_rows` rows at a time (the
+    last block takes the rest, under 2 block_rows), so a wide dictionary never exists in float64 whole.
+    torch draws normals 16 at a time from uniforms and redraws the last 16 of a size not a multiple of 16;
+    blocks of a multiple of 16 rows (and a last block of at least 16 values) draw what one call of all n rows
+    draws, so the directions do not depend on the blocks."""
+    if block_rows % 16:
+        raise ValueError(f"random_directions: block_rows must be a multiple of 16, got {block_rows}")
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, d, dtype=torch.float32)
+    start = 0
+    while start < n:
+        stop = n if n - start < 2 * block_rows else start + block_rows
+        block = torch.randn(stop - start, d, generator=g, dtype=torch.float64)
+        out[start:stop] = block / block.norm(dim=1, keepdim=True)
+        start = stop
+    return out

@@ -17,3 +17,18 @@ def test_builtin_baselines_default_to_the_trainers_layer_norm_space():
     assert sae.normalization.kind == "layer_norm" and sae.info.extra["space"] == "layer_norm"
     assert torch.allclose(sae(x), x, atol=1e-3, rtol=1e-4)  # k = d: the whole basis reconstructs exactly
     assert build_builtin(raw, x).normalization.kind == "none"
+
+
+@pytest.mark.parametrize("d", [1, 7, 12, 64])
+def test_random_directions_in_blocks_are_the_one_call_draw(d):
+    """A wide random dictionary is drawn in blocks of rows (never whole in float64), to the same values as
+    one float64 draw of all rows normalised and cast (how builtin:random-topk was built)."""
+    from saebench.sae.builtin import random_directions
+
+    g = torch.Generator().manual_seed(3)
+    whole = torch.randn(101, d, generator=g, dtype=torch.float64)
+    want = (whole / whole.norm(dim=1, keepdim=True)).float()
+    for rows in (16, 32, 48, 96, 1 << 14):
+        assert torch.equal(random_directions(101, d, 3, block_rows=rows), want), rows
+    with pytest.raises(ValueError, match="multiple of 16"):
+        random_directions(101, d, 3, block_rows=10)
