@@ -11,9 +11,10 @@
     trend   lr*(n) = a n^b, least squares of log lr_star on log n, over the interior n when at least two
             are interior (else over all n, flagged); the paper's slope is b = -1/2
 
-`finish_lr_sweep` writes all of it to <out>/lr-fit.json and prints it; `install_trend` turns that file
-into the trend `lr_trend.py` reads (TREND_FILE by default), so that presets without an explicit lr train
-at the fitted lr.
+The same code serves the ReLU lr sweep (`relu-lr`, whose runs are each a lambda search's chosen run at
+L0 ~ 32); a fit holds one activation.  `finish_lr_sweep` writes all of it to <out>/lr-fit.json and prints
+it; `install_trend` files that trend under its activation in the trend file `lr_trend.py` reads
+(TREND_FILE by default), so that presets of that activation without an explicit lr train at the fitted lr.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from saebench.data.site import Site
 #: the value the best lr minimises (downstream's delta CE: the issue's target); nmse is recorded beside it
 CRITERION = ("downstream", "delta_ce")
 #: the values recorded per run: (metric, value)
-SCORES = (("core", "nmse"), ("core", "fvu_raw"), ("core", "dead_frac"), CRITERION, ("downstream", "kl"))
+SCORES = (
+    ("core", "nmse"),
+    ("core", "l0"),
+    ("core", "fvu_raw"),
+    ("core", "dead_frac"),
+    CRITERION,
+    ("downstream", "kl"),
+)
 #: the sweep's fit, in its out folder
 FIT_FILE = "lr-fit.json"
 #: the scores of a run, inside its run folder
@@ -112,8 +120,8 @@ def score_values(results: dict[str, dict]) -> dict[str, float]:
 
 
 def score_runs(site: Site, checkpoints: list[Path], eval_tokens: int, *, force: bool = False) -> list[dict]:
-    """{name, n_latents, k, lr, lr_source, batch_size, max_tokens, <metric.value>...} per checkpoint of
-    `train_runs`, each scored by `score_checkpoint` into <run>/scores/."""
+    """{name, activation, n_latents, k, lr, lr_source, batch_size, max_tokens, <metric.value>...} per
+    checkpoint of `train_runs`, each scored by `score_checkpoint` into <run>/scores/."""
     rows = []
     for checkpoint in checkpoints:
         run_dir = Path(checkpoint).parent
@@ -122,6 +130,7 @@ def score_runs(site: Site, checkpoints: list[Path], eval_tokens: int, *, force: 
         rows.append(
             {
                 "name": run_dir.name,
+                "activation": training["config"]["activation"],
                 "n_latents": training["config"]["n_latents"],
                 "k": training["config"]["k"],
                 "lr": training["lr"],
@@ -136,10 +145,11 @@ def score_runs(site: Site, checkpoints: list[Path], eval_tokens: int, *, force: 
 
 def _vertex(xs: list[float], ys: list[float]) -> float:
     """x of the minimum of the parabola through three points, kept within their x range."""
-    c2, c1, _ = np.polyfit(xs, ys, 2)
+    centre = xs[1]  # fitted around the middle point: log lrs are far from 0 and close together
+    c2, c1, _ = np.polyfit([x - centre for x in xs], ys, 2)
     if not c2 > 0:  # not convex (noise): the middle point stands
         return xs[1]
-    return float(min(max(-c1 / (2 * c2), xs[0]), xs[2]))
+    return float(min(max(centre - c1 / (2 * c2), xs[0]), xs[2]))
 
 
 def best_per_n(rows: list[dict], criterion: str = ".".join(CRITERION)) -> list[dict]:
@@ -193,11 +203,11 @@ def fit_trend(best: list[dict]) -> dict:
 
 def fit_sweep(rows: list[dict], *, sweep: str, out: Path, n_tokens: int, eval_tokens: int) -> dict:
     """The whole fit: the scored runs, the best per n and the trend, with what it was fitted at."""
-    best = best_per_n(rows)
-    trend = fit_trend(best)
-    for key in ("batch_size", "k"):
+    for key in ("activation", "batch_size", "k"):
         if len({row[key] for row in rows}) != 1:
             raise ValueError(f"the lr sweep's runs differ in {key}: one trend needs one {key}")
+    best = best_per_n(rows)
+    trend = fit_trend(best)
     table = {"runs": rows, "best": best, "trend": trend}
     fit_id = hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:12]
     return {
@@ -205,7 +215,7 @@ def fit_sweep(rows: list[dict], *, sweep: str, out: Path, n_tokens: int, eval_to
         "sweep": sweep,
         "out": str(Path(out).resolve()),
         "criterion": ".".join(CRITERION),
-        "activation": "topk",
+        "activation": rows[0]["activation"],
         "k": rows[0]["k"],
         "batch_size": rows[0]["batch_size"],
         "n_tokens": n_tokens,
@@ -217,7 +227,9 @@ def fit_sweep(rows: list[dict], *, sweep: str, out: Path, n_tokens: int, eval_to
 
 def describe(fit: dict) -> str:
     """The fit as a few lines of text: per n the grid with delta_ce and nmse, the best, the trend."""
-    lines = [f"lr sweep at k={fit['k']}, batch {fit['batch_size']}, {fit['max_tokens']} tokens per run"]
+    size = f"k={fit['k']}" if fit["activation"] == "topk" else f"L0 target {fit['k']}"
+    run = f"batch {fit['batch_size']}, {fit['max_tokens']} tokens per run"
+    lines = [f"{fit['activation']} lr sweep at {size}, {run}"]
     by_name = {(row["n_latents"], row["lr"]): row for row in fit["runs"]}
     for b in fit["best"]:
         n = b["n_latents"]
@@ -225,7 +237,10 @@ def describe(fit: dict) -> str:
         for lr in b["grid"]:
             row = by_name[(n, lr)]
             mark = "*" if lr == b["best_lr"] else " "
-            cells.append(f"{mark}{lr:.3g}: dCE {row['downstream.delta_ce']:.4f} nmse {row['core.nmse']:.4f}")
+            cells.append(
+                f"{mark}{lr:.3g}: dCE {row['downstream.delta_ce']:.4f} nmse {row['core.nmse']:.4f} "
+                f"L0 {row['core.l0']:.1f}"
+            )
         edge = "  AT THE GRID'S EDGE: widen the grid" if b["at_edge"] else ""
         lines.append(f"n={n}: best lr {b['best_lr']:.3g} (lr* {b['lr_star']:.3g}){edge}")
         lines.extend(f"    {cell}" for cell in cells)
@@ -252,7 +267,10 @@ def finish_lr_sweep(
 
 
 def install_trend(fit: dict, dest: Path) -> Path:
-    """Write the trend `lr_trend.py` reads from a sweep's fit (refused when it has no trend)."""
+    """File the trend of a sweep's fit under its activation in trend file `dest` (other activations' trends
+    there stay); refused when the fit has no trend."""
+    from .lr_trend import with_trend
+
     trend = fit["trend"]
     if trend["a"] is None:
         raise ValueError(f"the fit {fit['fit_id']} has no trend (fewer than two dictionary sizes)")
@@ -275,5 +293,6 @@ def install_trend(fit: dict, dest: Path) -> Path:
             for b in fit["best"]
         ],
     }
-    atomic_write_bytes(Path(dest), (json.dumps(record, indent=1) + "\n").encode())
+    content = with_trend(Path(dest), record)
+    atomic_write_bytes(Path(dest), (json.dumps(content, indent=1) + "\n").encode())
     return Path(dest)

@@ -4,12 +4,13 @@
     a fitted trend applies        -> a * n_latents ** b                source "trend <file> (fit <id>)"
     otherwise                     -> 2e-4 / sqrt(n_latents / 2**14)    source "paper rule" (+ why no trend)
 
-The trend is a small JSON file written by `saebench train --sweep lr --install-trend` from a finished lr
-sweep (`lr_sweep.py`): the best lr per dictionary size, fitted as lr*(n) = a n^b.  The best lr depends on
-the run's length and batch size (the paper's constant is for far longer runs and larger batches), so the
-trend applies only to runs like the ones it was fitted on: the same activation and batch size, and a
-token budget within `BUDGET_FACTOR` of the sweep's.  Other runs fall back to the paper's rule, and the
-source says why.
+The trend file is a small JSON file, {"trends": {activation: trend}}, one trend per activation, each
+written by `saebench train --sweep lr --install-trend` (TopK) or `--sweep relu-lr --install-trend` (ReLU +
+L1) from a finished lr sweep (`lr_sweep.py`): the best lr per dictionary size, fitted as lr*(n) = a n^b.
+The best lr depends on the run's length and batch size (the paper's constant is for far longer runs and
+larger batches), so a trend applies only to runs like the ones it was fitted on: the same activation and
+batch size, and a token budget within `BUDGET_FACTOR` of the sweep's.  Other runs fall back to the
+paper's rule, and the source says why.
 
 The committed trend lives at `TREND_FILE` (absent until a real sweep has been fitted and installed);
 $SAEBENCH_LR_TREND names another file, or `none` to ignore every trend.
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 TREND_FILE = Path(__file__).with_name("lr_trend.json")
 #: a run's token budget may differ from the sweep's by at most this factor for the trend to apply
 BUDGET_FACTOR = 2.0
-#: the keys a trend file must have
+#: the keys each trend in a trend file must have
 TREND_KEYS = ("a", "b", "activation", "batch_size", "max_tokens", "fit_id")
 
 
@@ -57,20 +58,33 @@ def trend_path() -> Path | None:
 
 
 @lru_cache(maxsize=8)
-def _read(path: str, mtime_ns: int) -> dict:
-    trend = json.loads(Path(path).read_text())
-    missing = [key for key in TREND_KEYS if key not in trend]
-    if missing:
-        raise ValueError(f"lr trend {path} lacks {', '.join(missing)}: regenerate it from an lr sweep")
-    return trend
+def _read(path: str, mtime_ns: int) -> dict[str, dict]:
+    content = json.loads(Path(path).read_text())
+    trends = content.get("trends") if isinstance(content, dict) else None
+    if not isinstance(trends, dict) or not trends:
+        raise ValueError(f"lr trend {path} has no trends: regenerate it from an lr sweep (--install-trend)")
+    for activation, trend in trends.items():
+        missing = [key for key in TREND_KEYS if key not in trend]
+        if missing or trend["activation"] != activation:
+            what = f"lacks {', '.join(missing)}" if missing else "files a trend under another activation"
+            raise ValueError(f"lr trend {path} {what} ({activation}): regenerate it from an lr sweep")
+    return trends
 
 
-def load_trend(path: str | Path | None = None) -> dict | None:
-    """The trend file's content ({a, b, activation, batch_size, max_tokens, fit_id, ...}), or None."""
+def load_trend(path: str | Path | None = None) -> dict[str, dict] | None:
+    """The trend file's trends by activation ({"topk": {a, b, activation, batch_size, max_tokens, fit_id,
+    ...}, ...}), or None without a file."""
     path = Path(path) if path is not None else trend_path()
     if path is None or not path.is_file():
         return None
     return _read(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def with_trend(path: Path, trend: dict) -> dict:
+    """The content of trend file `path` with `trend` filed under its activation (replacing that one)."""
+    trends = dict(load_trend(path) or {}) if Path(path).is_file() else {}
+    trends[trend["activation"]] = trend
+    return {"trends": dict(sorted(trends.items()))}
 
 
 def why_not(trend: dict, config: TrainConfig) -> str | None:
@@ -95,10 +109,11 @@ def choose_lr(config: TrainConfig, trend_file: str | Path | None = None) -> LrCh
     n = config.lr_at_n if config.lr_at_n is not None else config.n_latents
     at = f" at n={n}" if config.lr_at_n is not None else ""
     path = Path(trend_file) if trend_file is not None else trend_path()
-    trend = load_trend(path) if path is not None else None
-    if trend is None:
+    trends = load_trend(path) if path is not None else None
+    if trends is None:
         return LrChoice(paper_lr(n), f"paper rule{at}")
-    reason = why_not(trend, config)
+    trend = trends.get(config.activation)
+    reason = f"has no {config.activation} fit" if trend is None else why_not(trend, config)
     if reason is not None:
         return LrChoice(paper_lr(n), f"paper rule{at} (trend {path} {reason})")
     return LrChoice(trend["a"] * n ** trend["b"], f"trend {path} (fit {trend['fit_id']}){at}")

@@ -19,6 +19,12 @@ Centred at 5.7x it brackets that optimum at n=4096, and it still brackets the op
 the best lr falls anywhere between 1/sqrt(n) (the paper's slope) and flat in n.  `lr_sweep.py` scores
 the runs and fits the trend; `--install-trend` makes it the default lr (`lr_trend.py`).
 
+The relu-lr sweep tunes the ReLU baseline's own lr the same way: ReLU + L1 at L0 target 32 for each n in
+RELU_LR_N, at RELU_LR_FACTORS times the paper's lr (1x ... 16x, log-spaced: no earlier run says where
+ReLU's optimum lies), each run's lambda searched to the target (`l1_search.py`) and the search's chosen run
+scored, so the lrs compare at (nearly) the same L0; the table prints each run's L0.  Its trend is filed
+under "relu" beside TopK's, and the baseline's lambda searches then run at it.
+
 Every preset leaves the run length (max_tokens), device and dtype to the caller:
 `dataclasses.replace(PRESETS[name], max_tokens=..., device=...)`.
 """
@@ -65,6 +71,13 @@ LR_SWEEP_K = 32
 LR_FACTORS = tuple(2 ** (1 + 0.75 * i) for i in range(5))
 #: the name of the lr sweep (scored and fitted after training, see lr_sweep.py)
 LR_SWEEP = "lr"
+#: the ReLU lr sweep's dictionary sizes, L0 target and grid (multiples of the paper's lr at each n)
+RELU_LR_N = (2048, 4096)
+RELU_LR_L0 = 32
+RELU_LR_FACTORS = tuple(2.0**i for i in range(5))
+RELU_LR_SWEEP = "relu-lr"
+#: the sweeps that are scored and fitted into an lr trend after training
+LR_SWEEPS = (LR_SWEEP, RELU_LR_SWEEP)
 
 
 def _lr_sweep() -> dict[str, TrainConfig]:
@@ -76,13 +89,25 @@ def _lr_sweep() -> dict[str, TrainConfig]:
     return presets
 
 
+def _relu_lr_sweep() -> dict[str, TrainConfig]:
+    presets = {}
+    for n in RELU_LR_N:
+        for factor in RELU_LR_FACTORS:
+            lr = float(f"{factor * paper_lr(n):.3g}")
+            presets[f"relu-n{n}-l0{RELU_LR_L0}-lr{lr:.3g}"] = TrainConfig(
+                activation="relu", n_latents=n, k=RELU_LR_L0, l1_target_l0=RELU_LR_L0, lr=lr
+            )
+    return presets
+
+
 #: every preset by name
-PRESETS: dict[str, TrainConfig] = {**_baseline(), **_fixed_lr(), **_lr_sweep()}
+PRESETS: dict[str, TrainConfig] = {**_baseline(), **_fixed_lr(), **_lr_sweep(), **_relu_lr_sweep()}
 #: sweep name -> preset names, in training order
 SWEEPS: dict[str, tuple[str, ...]] = {
     "baseline": tuple(_baseline()),
     "fixed-lr": tuple(_fixed_lr()),
     LR_SWEEP: tuple(_lr_sweep()),
+    RELU_LR_SWEEP: tuple(_relu_lr_sweep()),
 }
 
 

@@ -10,6 +10,7 @@ from saebench.train.lr_sweep import (
     FIT_FILE,
     SCORES_FOLDER,
     best_per_n,
+    describe,
     finish_lr_sweep,
     fit_sweep,
     fit_trend,
@@ -21,7 +22,7 @@ from saebench.train.runs import train_runs
 from saebench.train.trainer import Trainer
 
 
-def _rows(a: float, b: float, ns=(2048, 4096, 8192), factors=(0.25, 0.5, 1, 2, 4), shift=None):
+def _rows(a, b, ns=(2048, 4096, 8192), factors=(0.25, 0.5, 1, 2, 4), shift=None, activation="topk"):
     """Runs on a grid around a n^b whose delta_ce is a parabola in log lr with its minimum at a n^b
     (times shift[n])."""
     rows = []
@@ -32,6 +33,7 @@ def _rows(a: float, b: float, ns=(2048, 4096, 8192), factors=(0.25, 0.5, 1, 2, 4
             rows.append(
                 {
                     "name": f"n{n}-lr{lr:.3g}",
+                    "activation": activation,
                     "n_latents": n,
                     "k": 32,
                     "lr": lr,
@@ -40,6 +42,7 @@ def _rows(a: float, b: float, ns=(2048, 4096, 8192), factors=(0.25, 0.5, 1, 2, 4
                     "max_tokens": 490_000,
                     "downstream.delta_ce": 0.2 + 0.05 * math.log(lr / best) ** 2,
                     "core.nmse": 0.3,
+                    "core.l0": 32.0,
                 }
             )
     return rows
@@ -75,15 +78,56 @@ def test_lr_sweep_preset_grid_spans_8x_around_5_7x_the_paper_rule():
         assert {PRESETS[p].k for p in names} == {32}
 
 
+def test_relu_trend_is_filed_beside_topk_and_chooses_the_relu_runs_lr(tmp_path):
+    path = _trend_file(tmp_path)
+    topk = _topk_trend(path)
+    relu_rows = _rows(0.1, -0.3, ns=(2048, 4096), activation="relu")
+    fit = fit_sweep(relu_rows, sweep="relu-lr", out=tmp_path, n_tokens=500_000, eval_tokens=100)
+    assert fit["activation"] == "relu" and "L0 target 32" in describe(fit) and "L0 32.0" in describe(fit)
+    install_trend(fit, path)
+    trends = json.loads(path.read_text())["trends"]
+    assert set(trends) == {"relu", "topk"} and trends["topk"] == topk
+    relu = TrainConfig(activation="relu", n_latents=4096, batch_size=1024, max_tokens=400_000)
+    lr, source = choose_lr(relu, path)
+    assert lr == pytest.approx(trends["relu"]["a"] * 4096 ** trends["relu"]["b"])
+    assert (
+        source == f"trend {path} (fit {trends['relu']['fit_id']})" != f"trend {path} (fit {topk['fit_id']})"
+    )
+    assert lr == pytest.approx(0.1 * 4096**-0.3, rel=1e-4) != pytest.approx(paper_lr(4096))
+    topk_lr, _ = choose_lr(TrainConfig(n_latents=4096, batch_size=1024, max_tokens=400_000), path)
+    assert topk_lr == pytest.approx(topk["a"] * 4096 ** topk["b"])
+    with pytest.raises(ValueError, match="differ in activation"):
+        fit_sweep(relu_rows + _rows(0.1, -0.3), sweep="x", out=tmp_path, n_tokens=1, eval_tokens=1)
+    path.write_text(json.dumps({"a": 1.0}))  # a file in no known shape: one line saying what to do
+    with pytest.raises(ValueError, match="regenerate it from an lr sweep"):
+        choose_lr(relu, path)
+
+
+def test_relu_lr_sweep_searches_lambda_at_each_lr_of_a_16x_grid():
+    names = SWEEPS["relu-lr"]
+    assert len(names) == 10
+    for n in (2048, 4096):
+        configs = [PRESETS[p] for p in names if PRESETS[p].n_latents == n]
+        lrs = sorted(c.lr for c in configs)
+        assert lrs[0] == pytest.approx(paper_lr(n), rel=0.01) and lrs[-1] / lrs[0] == pytest.approx(
+            16, rel=0.01
+        )
+        assert {(c.activation, c.l1_target_l0, c.k) for c in configs} == {("relu", 32, 32)}
+
+
 def _trend_file(tmp_path, **changes):
     fit = fit_sweep(_rows(0.4, -0.5), sweep="lr", out=tmp_path, n_tokens=500_000, eval_tokens=100)
     fit.update(changes)
     return install_trend(fit, tmp_path / "trend.json")
 
 
+def _topk_trend(path) -> dict:
+    return json.loads(path.read_text())["trends"]["topk"]
+
+
 def test_lr_choice_set_trend_and_paper_rule(tmp_path, monkeypatch):
     path = _trend_file(tmp_path)
-    trend = json.loads(path.read_text())
+    trend = _topk_trend(path)
     like_the_sweep = TrainConfig(n_latents=4096, batch_size=1024, max_tokens=400_000)
     lr, source = choose_lr(like_the_sweep, path)
     assert lr == pytest.approx(trend["a"] * 4096 ** trend["b"]) and lr != pytest.approx(paper_lr(4096))
@@ -92,7 +136,7 @@ def test_lr_choice_set_trend_and_paper_rule(tmp_path, monkeypatch):
     for config, reason in (
         (TrainConfig(n_latents=4096, batch_size=4096, max_tokens=400_000), "fitted at batch 1024, not 4096"),
         (TrainConfig(n_latents=4096, batch_size=1024, max_tokens=2_000_000), "fitted at 490000 tokens"),
-        (TrainConfig(n_latents=4096, batch_size=1024, activation="relu", max_tokens=400_000), "not relu"),
+        (TrainConfig(n_latents=4096, batch_size=1024, activation="relu", max_tokens=400_000), "no relu fit"),
     ):
         lr, source = choose_lr(config, path)
         assert lr == paper_lr(4096) and source.startswith("paper rule (trend") and reason in source
@@ -104,7 +148,7 @@ def test_lr_choice_set_trend_and_paper_rule(tmp_path, monkeypatch):
 
 def test_fixed_lr_sweep_holds_every_n_at_the_lr_of_the_smallest_n(tmp_path, monkeypatch):
     path = _trend_file(tmp_path)
-    trend = json.loads(path.read_text())
+    trend = _topk_trend(path)
     configs = sweep("fixed-lr", batch_size=1024, max_tokens=400_000)
     assert {c.lr_at_n for c in configs.values()} == {2048} and {c.lr for c in configs.values()} == {None}
     monkeypatch.setenv("SAEBENCH_LR_TREND", str(path))
