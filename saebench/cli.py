@@ -232,9 +232,9 @@ def _train_overrides(items: list[str]) -> dict:
 def cmd_train(args) -> int:
     import dataclasses
 
+    from saebench import ranks
     from saebench.data.site import Site
     from saebench.runner import check_layer
-    from saebench.train import distributed
     from saebench.train.presets import LR_SWEEP, PRESETS, SWEEPS
     from saebench.train.runs import train_runs
 
@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; presets: {', '.join(PRESETS)}")
     if args.sweep is not None and args.sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {args.sweep!r}; sweeps: {', '.join(SWEEPS)}")
-    args.device = distributed.init_from_environment(args.device)  # under torchrun: this rank's device
+    args.device = ranks.init_from_environment(args.device)  # under torchrun: this rank's device
     site_cfg = _site_config(args)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
@@ -260,7 +260,7 @@ def cmd_train(args) -> int:
     site = Site(site_cfg)
     check_layer(site)
     done = train_runs(site, configs, Path(args.out), args.n_tokens)
-    if not distributed.is_main():
+    if not ranks.is_main():
         return 0
     print("\n".join(str(p) for p in done))
     if lr_sweep:

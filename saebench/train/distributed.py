@@ -28,60 +28,17 @@ always), so every loader reads it and a run resumes in either layout, after a ki
 
 from __future__ import annotations
 
-import atexit
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..ranks import world_size
 from ..sae.sae import Normalization, SAEInfo, SparseCodes
 from .autoencoder import TrainableSAE, TrainOutput, nmse
 from .config import TrainConfig
 
 #: the parameters latent parallelism splits along their first (latent) axis; b_pre is replicated
 SHARDED = ("W_enc", "b_enc", "W_dec")
-
-
-def world_size() -> int:
-    """Processes in the default group (1 without torch.distributed)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    """Rank 0 (or the only process): the one that writes files and prints."""
-    return rank() == 0
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def init_from_environment(device: str) -> str:
-    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL when training
-    on CUDA, else gloo.  Returns the device this rank trains on ('cuda' becomes cuda:LOCAL_RANK).  Without
-    torchrun (or with one process) nothing happens and `device` comes back as given."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return device
-    kind = torch.device(device)
-    if kind.type == "cuda":
-        if kind.index is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind.type == "cuda" else "gloo")
-        atexit.register(_leave)
-    return device
-
-
-def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def for_config(config: TrainConfig) -> DataParallel | LatentParallel | None:

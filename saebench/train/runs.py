@@ -13,12 +13,12 @@ import math
 import sys
 from pathlib import Path
 
+from saebench import ranks
 from saebench.data.cache import atomic_write_bytes
 from saebench.data.site import Site
 from saebench.sae.formats.native import save_native
 from saebench.sae.load import load_sae
 from saebench.sae.sae import SAEInfo
-from saebench.train import distributed
 from saebench.train.config import TrainConfig
 from saebench.train.l1_search import MAX_TRIALS, TOLERANCE, Trial, accepted, closest, next_lambda
 from saebench.train.state import STATE_FILE
@@ -28,7 +28,7 @@ from saebench.train.trainer import SAE_FOLDER, Trainer
 
 def _say(message: str) -> None:
     """Progress lines, printed once (by rank 0 under torchrun)."""
-    if distributed.is_main():
+    if ranks.is_main():
         print(message, file=sys.stderr)
 
 
@@ -147,7 +147,7 @@ def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: i
             break  # L0 is not monotone in lambda around here (run-to-run noise): no new run would help
         if lam not in tried:  # else a trial interrupted earlier, resumed below
             tried.append(lam)
-            if distributed.is_main():
+            if ranks.is_main():
                 atomic_write_bytes(log_file, json.dumps({"target_l0": target, "tried": tried}).encode())
         _say(f"{name}: lambda {lam:g} (trial {len(tried)} of at most {MAX_TRIALS})")
         trial = dataclasses.replace(config, l1_coefficient=lam)
@@ -169,7 +169,7 @@ def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: i
         "chosen": best._asdict(),
         "trials": [t._asdict() for t in sorted(trials)],
     }
-    if distributed.is_main():
+    if ranks.is_main():
         save_native(sae, run_dir / SAE_FOLDER, training=training)
-    distributed.barrier()
+    ranks.barrier()
     return run_dir / SAE_FOLDER
