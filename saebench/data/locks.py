@@ -8,7 +8,12 @@ Where the file system cannot lock (some network or FUSE mounts answer ENOLCK or 
 degrades to no lock with one warning: every cache file is still written to a temporary name and renamed,
 so readers never see a partial file, but two processes may then compute the same thing twice.
 
-The lock is re-entrant within a process (a counter per path), so a locked method may call another.
+A lock may be taken shared (`shared=True`): shared holders exclude exclusive ones but not each other
+(the ranks of one torchrun launch writing disjoint shards of one cache entry, while any other producer
+waits).  Windows' `msvcrt.locking` has no shared mode: there shared holders take turns.
+
+The lock is re-entrant within a process (a counter per path), so a locked method may call another; a
+process holding a lock shared cannot take it exclusively (release it first).
 """
 
 from __future__ import annotations
@@ -31,16 +36,17 @@ except ImportError:  # Windows
 WAIT_MESSAGE_AFTER_S = 1.0
 
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
-_held: dict[str, tuple[int, int]] = {}  # path -> (fd, depth) of the locks this process holds
+_held: dict[str, tuple[int, int, bool]] = {}  # path -> (fd, depth, shared) of the locks this process holds
 _held_guard = threading.Lock()
 _warned = False
 
 
-def _try_lock(fd: int) -> bool:
-    """Take the lock without waiting; False when another process holds it."""
+def _try_lock(fd: int, shared: bool = False) -> bool:
+    """Take the lock without waiting; False when another process holds it (exclusively, or at all when
+    `shared` is False)."""
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         else:
             os.lseek(fd, 0, os.SEEK_SET)
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -71,11 +77,13 @@ def _holder(fd: int) -> str:
 
 
 class FileLock:
-    """An exclusive inter-process lock on `path`, as a context manager; `what` names it in messages."""
+    """An inter-process lock on `path`, as a context manager: exclusive, or `shared` with other shared
+    holders; `what` names it in messages."""
 
-    def __init__(self, path: str | Path, what: str = ""):
+    def __init__(self, path: str | Path, what: str = "", shared: bool = False):
         self.path = Path(path)
         self.what = what or "writing"
+        self.shared = shared
         #: whether the lock is really held (False where the file system cannot lock)
         self.locked = False
 
@@ -83,8 +91,10 @@ class FileLock:
         key = str(self.path)
         with _held_guard:
             if key in _held:
-                fd, depth = _held[key]
-                _held[key] = (fd, depth + 1)
+                fd, depth, shared = _held[key]
+                if shared and not self.shared:
+                    raise RuntimeError(f"{self.path}: held shared by this process; release it to lock it")
+                _held[key] = (fd, depth + 1, shared)
                 self.locked = fd >= 0
                 return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +112,7 @@ class FileLock:
             except OSError:
                 pass  # the pid is only for other processes' messages
         with _held_guard:
-            _held[key] = (fd if locked else -1, 1)
+            _held[key] = (fd if locked else -1, 1, self.shared)
         if not locked:
             os.close(fd)
         return self
@@ -113,7 +123,7 @@ class FileLock:
         started, pause, told = time.monotonic(), 0.005, False
         while True:
             try:
-                if _try_lock(fd):
+                if _try_lock(fd, self.shared):
                     if told:
                         print(f"saebench: {self.path.parent} is free, continuing", file=sys.stderr)
                     return True
@@ -140,9 +150,9 @@ class FileLock:
     def __exit__(self, *exc) -> None:
         key = str(self.path)
         with _held_guard:
-            fd, depth = _held[key]
+            fd, depth, shared = _held[key]
             if depth > 1:
-                _held[key] = (fd, depth - 1)
+                _held[key] = (fd, depth - 1, shared)
                 return
             del _held[key]
         if fd >= 0:

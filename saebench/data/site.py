@@ -160,7 +160,8 @@ class Site:
             bigger = Store.covering(f"windows-{split}", store.key, "n_windows", self.cache_root, "tokens")
             if bigger is not None:
                 return bigger.load("tokens", mmap=False)[:n_windows]
-        if not store.has("tokens"):
+
+        def make() -> np.ndarray:
             from saebench.data.corpus import make_windows
 
             m = self.model
@@ -177,8 +178,10 @@ class Site:
                 allow_fewer=split != "train",
                 pad_id=m.eos_id,
             )
-            store.save("tokens", tokens.numpy().astype(np.int64))
-        return store.load("tokens", mmap=False)
+            return tokens.numpy().astype(np.int64)
+
+        # made by one process; others on the same cache (torchrun's ranks) wait for it and read it
+        return store.cached("tokens", make)
 
     def resid(self, split: str, n_windows: int, start: int = 0) -> np.ndarray:
         """Residuals at the site (n_windows, ctx, d) float32 for `windows(...)`, memory-mapped.
