@@ -154,9 +154,14 @@ def _parse_params(items: list[str]) -> dict[str, dict]:
 
 
 def cmd_run(args) -> int:
+    from saebench import ranks
     from saebench.runner import RunConfig, Runner, check_label, parse_metrics
     from saebench.summary import summary_table
 
+    if ranks.launched_ranks() > 1:  # under torchrun: this rank's device; the checkpoints are shared out
+        from saebench.sharded import WAIT_FOR_RANKS, ShardedRunner
+
+        args.device = ranks.init_from_environment(args.device, timeout=WAIT_FOR_RANKS)
     site = _site_config(args)
     if args.format is not None:
         from saebench.sae.formats import FORMATS
@@ -200,8 +205,8 @@ def cmd_run(args) -> int:
         params=params,
         label=args.label,
     )
-    runner = Runner(config)
-    results = runner.run()
+    runner = ShardedRunner(config) if ranks.world_size() > 1 else Runner(config)
+    results = runner.run()  # under torchrun: rank 0 has every rank's results and failures
     if results:
         print(summary_table(results, wide=args.wide))
         print(f"\nresults: {Path(args.out).resolve()}")
@@ -428,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from saebench.ranks import OutOfStep
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.environ.get("SAEBENCH_DEBUG"):
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saebench: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError, OSError, OutOfStep) as e:
         if os.environ.get("SAEBENCH_DEBUG"):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

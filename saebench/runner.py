@@ -277,54 +277,79 @@ class Runner:
             short = short_corpus_warning(context)
             if short is not None and short not in self._warned_short:
                 self._warned_short.add(short)
-                warnings.warn(short, stacklevel=2)
+                self.warn(short)
         return self.contexts[key]
 
+    def warn(self, message: str) -> None:
+        """A warning about the run as a whole (not about one checkpoint)."""
+        warnings.warn(message, stacklevel=3)
+
     def load(self, ckpt: Checkpoint) -> tuple[SAE, EvalContext]:
-        cfg = self.config
         if is_builtin(ckpt.source):
             spec = parse_builtin(ckpt.source)
-            context = self.context_for(cfg.eval.model, cfg.eval.layer)
-            sae = build_builtin(spec, context.site.train_sample(spec.fit_tokens), seed=cfg.eval.seed)
-            ckpt.sha256 = f"{ckpt.identify()}:{context.site.key}"
+            context = self.builtin_context(ckpt)
+            sae = build_builtin(spec, context.site.train_sample(spec.fit_tokens), seed=self.config.eval.seed)
         else:
-            from saebench.model.loading import ModelLoadError
-            from saebench.sae.load import check_width, load_sae
-
-            sae = load_sae(ckpt.source, format=cfg.format, device="cpu", dtype=torch.float32)
-            model_name = cfg.eval.model
-            named = sae.info.model_name and not cfg.model_given
-            if named:
-                model_name = _known_model(sae.info.model_name, cfg.eval.model)
-            elif sae.info.model_name and sae.info.model_name != cfg.eval.model:
-                warnings.warn(
-                    f"{ckpt.source} was trained on {sae.info.model_name!r}; evaluating on "
-                    f"{cfg.eval.model!r} as asked",
-                    stacklevel=2,
-                )
-            layer = cfg.eval.layer if cfg.eval.layer is not None else sae.info.layer
-            what_layer = (
-                None if cfg.eval.layer is not None or layer is None else f"layer {layer} (the checkpoint's)"
-            )
-            if cfg.eval.layer is not None and sae.info.layer is not None and sae.info.layer != cfg.eval.layer:
-                warnings.warn(
-                    f"{ckpt.source} was trained at layer {sae.info.layer}; evaluating at layer "
-                    f"{cfg.eval.layer} as asked",
-                    stacklevel=2,
-                )
-            try:
-                context = self.context_for(model_name, layer, what_layer)
-            except ModelLoadError as err:
-                if not named:
-                    raise
-                from saebench.model import DEFAULT_MODEL
-
-                raise ModelLoadError(
-                    f"{ckpt.source}: its config names model {sae.info.model_name!r}, which cannot be loaded "
-                    f"here ({err}); pass --model {DEFAULT_MODEL} (or another model of width {sae.d_in})"
-                ) from None
-            check_width(sae, context.model.d_model)
+            sae = self.read(ckpt)
+            context = self.context_of(ckpt, sae)
         return sae.to(context.device, context.model.dtype).eval(), context
+
+    def builtin_context(self, ckpt: Checkpoint) -> EvalContext:
+        """The context a built-in baseline is fitted and evaluated in; its sha256 names the site."""
+        context = self.context_for(self.config.eval.model, self.config.eval.layer)
+        ckpt.sha256 = f"{ckpt.identify()}:{context.site.key}"
+        return context
+
+    def read(self, ckpt: Checkpoint) -> SAE:
+        from saebench.sae.load import load_sae
+
+        return load_sae(ckpt.source, format=self.config.format, device="cpu", dtype=torch.float32)
+
+    def site_of(self, ckpt: Checkpoint, sae: SAE) -> tuple[str, int | None, str | None]:
+        """(model, layer, where the layer comes from for messages) a loaded checkpoint is evaluated at: its
+        own model and layer unless the run names them."""
+        cfg = self.config
+        model_name = cfg.eval.model
+        if sae.info.model_name and not cfg.model_given:
+            model_name = _known_model(sae.info.model_name, cfg.eval.model)
+        elif sae.info.model_name and sae.info.model_name != cfg.eval.model:
+            warnings.warn(
+                f"{ckpt.source} was trained on {sae.info.model_name!r}; evaluating on {cfg.eval.model!r} "
+                "as asked",
+                stacklevel=3,
+            )
+        layer = cfg.eval.layer if cfg.eval.layer is not None else sae.info.layer
+        what_layer = (
+            None if cfg.eval.layer is not None or layer is None else f"layer {layer} (the checkpoint's)"
+        )
+        if cfg.eval.layer is not None and sae.info.layer is not None and sae.info.layer != cfg.eval.layer:
+            warnings.warn(
+                f"{ckpt.source} was trained at layer {sae.info.layer}; evaluating at layer {cfg.eval.layer} "
+                "as asked",
+                stacklevel=3,
+            )
+        return model_name, layer, what_layer
+
+    def context_of(self, ckpt: Checkpoint, sae: SAE) -> EvalContext:
+        """The context a loaded checkpoint is evaluated in (`site_of`), its width checked against the
+        model's."""
+        from saebench.model.loading import ModelLoadError
+        from saebench.sae.load import check_width
+
+        model_name, layer, what_layer = self.site_of(ckpt, sae)
+        try:
+            context = self.context_for(model_name, layer, what_layer)
+        except ModelLoadError as err:
+            if not sae.info.model_name or self.config.model_given:
+                raise
+            from saebench.model import DEFAULT_MODEL
+
+            raise ModelLoadError(
+                f"{ckpt.source}: its config names model {sae.info.model_name!r}, which cannot be loaded "
+                f"here ({err}); pass --model {DEFAULT_MODEL} (or another model of width {sae.d_in})"
+            ) from None
+        check_width(sae, context.model.d_model)
+        return context
 
     def _plan(self) -> list[tuple[Metric, object, dict]]:
         """(metric, parameters, what else its results depend on) per requested metric, validated (task
@@ -348,6 +373,12 @@ class Runner:
                     f"to file it under another name, give another --out, or delete {folder} to replace them"
                 )
 
+    def filing(self, ckpt: Checkpoint, context: EvalContext, metric: Metric, params, extra: dict):
+        """(result file, result key) of one metric of `ckpt` evaluated in `context`."""
+        data = {**context.data_key, **extra}
+        key = result_key(metric.name, metric.version, params_dict(params), ckpt.sha256, data)
+        return result_path(Path(self.config.out), ckpt.label, metric.name), key
+
     def evaluate(
         self, ckpt: Checkpoint, plan: list[tuple[Metric, object, dict]], batch: bool = False
     ) -> list[dict]:
@@ -358,10 +389,7 @@ class Runner:
         results = []
         for metric, params, extra in plan:
             name = metric.name
-            key = result_key(
-                name, metric.version, params_dict(params), ckpt.sha256, {**context.data_key, **extra}
-            )
-            path = result_path(Path(self.config.out), ckpt.label, name)
+            path, key = self.filing(ckpt, context, metric, params, extra)
             old = None if self.config.force else reusable(path, key)
             if old is not None:
                 results.append(old)

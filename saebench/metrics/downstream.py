@@ -189,6 +189,11 @@ def compute(context: EvalContext, sae: SAE, params: DownstreamParams) -> MetricR
     return MetricResult(values=values, counts=counts)
 
 
+def prepare(context: EvalContext, params: DownstreamParams) -> None:
+    """The clean and zero-ablated passes every checkpoint's spliced pass is compared with (`reference`)."""
+    reference(context)
+
+
 register(
     Metric(
         name="downstream",
@@ -196,6 +201,7 @@ register(
         description="LM loss with the reconstruction spliced in (delta_ce, kl, loss_recovered)",
         compute=compute,
         params=DownstreamParams,
+        prepare=prepare,
         headline=("delta_ce", "kl", "loss_recovered"),
         lower_is_better=frozenset({"delta_ce", "kl", "ce_spliced"}),
         plots=(

@@ -200,6 +200,22 @@ def _score_start(context: EvalContext) -> int:
     return context.config.eval_start + context.config.n_windows
 
 
+def _pool_windows(context: EvalContext, n_tokens: int) -> int:
+    return math.ceil(n_tokens / (context.site.config.ctx - 1))
+
+
+def _pools(context: EvalContext, params: N2GParams) -> tuple[tuple[str, int, int], tuple[str, int, int]]:
+    """(split, tokens, first window) of the build pool and of the score pool."""
+    build = ("train", params.n_build_tokens, params.build_start)
+    return build, ("eval", params.n_score_tokens, _score_start(context))
+
+
+def prepare(context: EvalContext, params: N2GParams) -> None:
+    """The pools' residuals, the same for every SAE (`Metric.prepare`)."""
+    for split, n_tokens, start in _pools(context, params):
+        context.site.resid(split, _pool_windows(context, n_tokens), start)
+
+
 def _pool(context: EvalContext, sae: SAE, split: str, n_tokens: int, start: int) -> Pool:
     """The pool's windows, residuals and the SAE's codes at positions 1.. of each window.
 
@@ -207,7 +223,7 @@ def _pool(context: EvalContext, sae: SAE, split: str, n_tokens: int, start: int)
     explain` after a run (or a second run) does not encode the pool again; the input states are recomputed
     from the residuals (no matmul)."""
     site, ctx = context.site, context.site.config.ctx
-    n_windows = math.ceil(n_tokens / (ctx - 1))
+    n_windows = _pool_windows(context, n_tokens)
     windows, resid = site.windows(split, n_windows, start), site.resid(split, n_windows, start)
     scored = np.zeros(windows.shape, dtype=bool)
     scored[:, 1:] = site.scored(windows)
@@ -711,8 +727,7 @@ def explain_latents(context: EvalContext, sae: SAE, latents, params: N2GParams |
     if len(latents) and (latents.min() < 0 or latents.max() >= sae.n_latents):
         raise ValueError(f"latents must lie in 0..{sae.n_latents - 1}, got {latents.tolist()}")
     rng = np.random.default_rng(context.config.seed)
-    build_pool = _pool(context, sae, "train", params.n_build_tokens, params.build_start)
-    score_pool = _pool(context, sae, "eval", params.n_score_tokens, _score_start(context))
+    build_pool, score_pool = (_pool(context, sae, *pool) for pool in _pools(context, params))
     build_acts = _dense(build_pool, latents, sae.n_latents)
     score_acts = _dense(score_pool, latents, sae.n_latents)
     empty = torch.zeros(0, sae.d_in, dtype=torch.float64)
@@ -737,8 +752,7 @@ def compute(context: EvalContext, sae: SAE, params: N2GParams) -> MetricResult:
     seed = context.config.seed
     rng = np.random.default_rng(seed)
     model, tokenizer = context.model, context.model.tokenizer
-    build_pool = _pool(context, sae, "train", params.n_build_tokens, params.build_start)
-    score_pool = _pool(context, sae, "eval", params.n_score_tokens, _score_start(context))
+    build_pool, score_pool = (_pool(context, sae, *pool) for pool in _pools(context, params))
     timing["encode"] = time.perf_counter() - began
 
     alive = (build_pool.counts > 0) | (score_pool.counts > 0)
@@ -881,6 +895,7 @@ register(
         "held-out text beside token-lookup and random-direction baselines, and explanation reconstruction",
         compute=compute,
         params=N2GParams,
+        prepare=prepare,
         headline=("n2g_f1", "n2g_precision", "n2g_recall", "n2g_f1_token", "expl_kl_recovered", "expl_fvu"),
         lower_is_better=frozenset({"expl_fvu", "expl_fvu_token"}),
         plots=(Plot("n2g_f1_vs_l0.png", "n2g_f1", "N2G explanation f1 (held out)"),),

@@ -109,6 +109,10 @@ class Metric:
     lower_is_better: frozenset[str] = frozenset()
     #: key_extra(params) -> dict: what else a result depends on (e.g. the tasks' data), for result reuse
     key_extra: Callable[[Any], dict] | None = None
+    #: prepare(context, params): fill the cache with what `compute` reads at a site whatever the SAE (e.g.
+    #: downstream's clean pass), so that under torchrun the ranks collect it together, each a share of its
+    #: shards, before any of them evaluates a checkpoint (`saebench.sharded`); one process never calls it
+    prepare: Callable[[Any, Any], None] | None = None
     #: command-line options of `saebench run` that set this metric's parameters
     options: tuple[Option, ...] = ()
     #: claim_items(items, overrides) -> parameter overrides, or None: `--tasks` items that are not metric
