@@ -240,7 +240,7 @@ def cmd_train(args) -> int:
     from saebench import ranks
     from saebench.data.site import Site
     from saebench.runner import check_layer
-    from saebench.train.presets import LR_SWEEP, PRESETS, SWEEPS
+    from saebench.train.presets import LR_SWEEPS, PRESETS, SWEEPS
     from saebench.train.runs import train_runs
 
     if (args.preset is None) == (args.sweep is None):
@@ -256,11 +256,13 @@ def cmd_train(args) -> int:
     site_cfg = _site_config(args)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
     overrides = {"device": args.device, **_train_overrides(args.set)}
-    lr_sweep = args.sweep == LR_SWEEP
-    if lr_sweep and {"lr", "n_latents", "k"} & set(overrides):
-        raise ValueError(f"--sweep {LR_SWEEP} sets lr, n_latents and k itself; drop those --set items")
+    lr_sweep = args.sweep in LR_SWEEPS
+    if lr_sweep and {"lr", "n_latents", "k", "l1_target_l0"} & set(overrides):
+        raise ValueError(
+            f"--sweep {args.sweep} sets lr, n_latents, k and l1_target_l0 itself; drop those --set items"
+        )
     if args.install_trend is not None and not lr_sweep:
-        raise ValueError(f"--install-trend installs the fit of --sweep {LR_SWEEP}")
+        raise ValueError(f"--install-trend installs the fit of an lr sweep ({' or '.join(LR_SWEEPS)})")
     configs = {n: dataclasses.replace(PRESETS[n], **overrides) for n in names}
     site = Site(site_cfg)
     check_layer(site)
@@ -397,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-tokens",
         type=_integer(1),
         default=EvalConfig.n_tokens,
-        help="--sweep lr: held-out tokens each run is scored on (default %(default)s)",
+        help="--sweep lr / relu-lr: held-out tokens each run is scored on (default %(default)s)",
     )
     train.add_argument(
         "--install-trend",
@@ -405,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=str(TREND_FILE),
         default=None,
         metavar="PATH",
-        help=f"--sweep lr: write the fitted trend where presets read it (default {TREND_FILE.name} in the "
-        "package), so runs without an explicit lr use it",
+        help=f"--sweep lr / relu-lr: file the fitted trend under its activation where presets read it "
+        f"(default {TREND_FILE.name} in the package), so runs without an explicit lr use it",
     )
     _add_eval_args(train, n_tokens=False)
     train.set_defaults(func=cmd_train)

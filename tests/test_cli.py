@@ -132,10 +132,17 @@ def test_bad_set_is_one_line_error(capsys):
 
 
 def test_lr_sweep_refuses_overrides_of_what_it_sweeps(tmp_path, capsys):
-    for item in ("lr=1e-3", "n_latents=64", "k=8"):
-        argv = ["train", "--sweep", "lr", "--set", item, "--out", str(tmp_path / "out")]
+    for sweep, item in (
+        ("lr", "lr=1e-3"),
+        ("lr", "n_latents=64"),
+        ("lr", "k=8"),
+        ("relu-lr", "l1_target_l0=8"),
+    ):
+        argv = ["train", "--sweep", sweep, "--set", item, "--out", str(tmp_path / "out")]
         assert main(argv) == 2
-        assert "--sweep lr sets lr, n_latents and k itself" in one_line_error(capsys)
+        assert f"--sweep {sweep} sets lr, n_latents, k and l1_target_l0 itself" in one_line_error(capsys)
+    assert main(["train", "--sweep", "baseline", "--install-trend", "--out", str(tmp_path / "out")]) == 2
+    assert "--install-trend installs the fit of an lr sweep (lr or relu-lr)" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
