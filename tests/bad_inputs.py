@@ -124,7 +124,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*TRAIN, "--set", "k=4096"], "need 0 < k <= n_latents, got k=4096, n_latents=2048"),
     ([*TRAIN, "--set", "device=cuda:7"], "bad --set device=cuda:7: use --device instead"),
     ([*TRAIN, "--set", "max_tokens=5"], "bad --set max_tokens=5: use --n-tokens instead"),
-    ([*TRAIN, "--install-trend"], "--install-trend installs the fit of --sweep lr"),
+    ([*TRAIN, "--install-trend"], "--install-trend installs the fit of an lr sweep (lr or relu-lr)"),
     ([*TRAIN, "--n-tokens", "0"], "argument --n-tokens: expected an integer >= 1, got '0'"),
     ([*TRAIN, "--ctx", "1"], "argument --ctx: expected an integer >= 4, got '1'"),
     ([*TRAIN, "--device", "bogus"], "--device bogus: not a torch device"),
