@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from saebench.context import EvalContext
 from saebench.metrics.registry import Metric, MetricResult, Plot, register
-from saebench.metrics.stats import mean_estimate, ratio_estimate
+from saebench.metrics.stats import mean_estimates, ratio_estimate
 from saebench.sae.sae import SAE
 
 
@@ -94,12 +94,13 @@ def compute(context: EvalContext, sae: SAE, params: CoreParams) -> MetricResult:
     total = int(tokens.sum())
     freq = fires.double().cpu().numpy() / total
     seed = context.config.seed
+    # one resampling of the latents for both fractions (a wide SAE has a million)
+    fractions = {"dead_frac": freq == 0, "dense_frac": freq > params.dense_threshold}
     values = {
         "nmse": ratio_estimate(err_sae, spread_sae.per_window(), "windows", seed),
         "fvu_raw": ratio_estimate(err_raw, spread_raw.per_window(), "windows", seed),
         "l0": ratio_estimate(l0, tokens, "windows", seed),
-        "dead_frac": mean_estimate(freq == 0, "latents", seed),
-        "dense_frac": mean_estimate(freq > params.dense_threshold, "latents", seed),
+        **mean_estimates(fractions, "latents", seed),
         "norm_ratio": ratio_estimate(norm_ratio, tokens, "windows", seed),
     }
     return MetricResult(

@@ -12,12 +12,23 @@ import numpy as np
 from saebench.metrics.registry import Estimate
 
 N_BOOT = 1000
+#: resampling counts (resamples x units) drawn at once: with many units (the latents of a wide SAE) the
+#: resamples are drawn in blocks, to the same values (one generator, rows drawn in order)
+BOOT_ELEMENTS = 1 << 22
 
 
-def _weights(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """Multinomial resampling counts (n_boot, n): row b says how often each unit is drawn."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+def _resampled_sums(columns: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    """Each column's (n,) sum under each of n_boot multinomial resamplings of its n units, (n_boot,) each;
+    at most BOOT_ELEMENTS counts exist at once."""
+    n = columns[0].size
+    rng, p = np.random.default_rng(seed), np.full(n, 1.0 / n)
+    sums = [np.empty(n_boot) for _ in columns]
+    block = max(1, BOOT_ELEMENTS // n)
+    for start in range(0, n_boot, block):
+        w = rng.multinomial(n, p, size=min(block, n_boot - start)).astype(np.float64)
+        for out, column in zip(sums, columns, strict=True):
+            out[start : start + len(w)] = w @ column
+    return sums
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -27,11 +38,23 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 
 def mean_estimate(values, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> Estimate:
     """Mean of per-unit values with a percentile bootstrap interval."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
+    return mean_estimates({"mean": values}, unit, seed, n_boot)["mean"]
+
+
+def mean_estimates(columns: dict, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> dict[str, Estimate]:
+    """`mean_estimate` of each named column of per-unit values over the same units, sharing one resampling
+    (the one each would draw alone with this seed)."""
+    arrays = {name: np.asarray(v, dtype=np.float64) for name, v in columns.items()}
+    size = next(iter(arrays.values())).size
+    if size == 0:
         raise ValueError(f"no {unit} to average over")
-    w = _weights(v.size, n_boot, seed)
-    return Estimate(float(v.mean()), *_interval(w @ v / v.size), n=int(v.size), unit=unit)
+    if any(v.size != size for v in arrays.values()):
+        raise ValueError(f"mean_estimates: columns of different lengths over the same {unit}")
+    sums = _resampled_sums(list(arrays.values()), n_boot, seed)
+    return {
+        name: Estimate(float(v.mean()), *_interval(s / size), n=size, unit=unit)
+        for (name, v), s in zip(arrays.items(), sums, strict=True)
+    }
 
 
 def ratio_estimate(num, den, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> Estimate:
@@ -40,7 +63,7 @@ def ratio_estimate(num, den, unit: str, seed: int = 0, n_boot: int = N_BOOT) -> 
     b = np.asarray(den, dtype=np.float64)
     if a.size == 0:
         raise ValueError(f"no {unit} to take a ratio over")
-    w = _weights(a.size, n_boot, seed)
+    sum_a, sum_b = _resampled_sums([a, b], n_boot, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        samples = (w @ a) / (w @ b)
+        samples = sum_a / sum_b
     return Estimate(float(a.sum() / b.sum()), *_interval(samples), n=int(a.size), unit=unit)
