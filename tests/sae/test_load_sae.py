@@ -94,9 +94,10 @@ def test_shapes_that_disagree(tmp_path, writers):
         load_sae(tmp_path)
 
 
-def test_nan_weights(tmp_path, writers):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_weights(tmp_path, writers, bad):
     writers.saelens(tmp_path)
-    _edit_saelens_weights(tmp_path, lambda t: t["W_enc"].__setitem__((0, 0), float("nan")))
+    _edit_saelens_weights(tmp_path, lambda t: t["W_enc"].__setitem__((3, 5), bad))
     with pytest.raises(CheckpointError, match="W_enc holds 1 NaN/inf values of 192"):
         load_sae(tmp_path)
 
