@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import math
 import os
 import sys
@@ -255,6 +256,15 @@ def cmd_train(args) -> int:
     args.device = ranks.init_from_environment(args.device)  # under torchrun: this rank's device
     site_cfg = _site_config(args)
     names = [args.preset] if args.preset else list(SWEEPS[args.sweep])
+    if args.only:
+        if args.sweep is None:
+            raise ValueError("--only picks presets of a sweep: give it with --sweep NAME")
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in args.only)]
+        if not names:
+            raise ValueError(
+                f"--only {' '.join(args.only)} matches no preset of sweep {args.sweep} "
+                f"({', '.join(SWEEPS[args.sweep])})"
+            )
     overrides = {"device": args.device, **_train_overrides(args.set)}
     lr_sweep = args.sweep in LR_SWEEPS
     if lr_sweep and {"lr", "n_latents", "k", "l1_target_l0"} & set(overrides):
@@ -384,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--preset", default=None, help="one preset, e.g. topk-n4096-k32")
     train.add_argument("--sweep", default=None, help="a named sweep of presets, e.g. baseline")
+    train.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="with --sweep: only its presets whose name matches this glob (repeatable), e.g. '*-n2048-*'; "
+        "an lr sweep then scores and fits just those",
+    )
     train.add_argument(
         "--n-tokens", type=_integer(1), default=500_000, help="training tokens per run (default %(default)s)"
     )

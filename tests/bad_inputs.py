@@ -125,6 +125,11 @@ CASES: list[tuple[list[str], str]] = [
     ([*TRAIN, "--set", "device=cuda:7"], "bad --set device=cuda:7: use --device instead"),
     ([*TRAIN, "--set", "max_tokens=5"], "bad --set max_tokens=5: use --n-tokens instead"),
     ([*TRAIN, "--install-trend"], "--install-trend installs the fit of an lr sweep (lr or relu-lr)"),
+    ([*TRAIN, "--only", "*"], "--only picks presets of a sweep: give it with --sweep NAME"),
+    (
+        ["train", "--sweep", "lr", "--only", "relu-*", "--out", "{out}"],
+        "--only relu-* matches no preset of sweep lr",
+    ),
     ([*TRAIN, "--n-tokens", "0"], "argument --n-tokens: expected an integer >= 1, got '0'"),
     ([*TRAIN, "--ctx", "1"], "argument --ctx: expected an integer >= 4, got '1'"),
     ([*TRAIN, "--device", "bogus"], "--device bogus: not a torch device"),

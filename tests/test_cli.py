@@ -184,6 +184,17 @@ def test_train_set_overrides_reach_the_checkpoint_provenance(tmp_path, corpus_fi
     assert (cfg["training"]["lr"], cfg["training"]["lr_source"]) == (1e-3, "set")
 
 
+def test_only_trains_the_matching_presets_of_a_sweep(tmp_path, corpus_file, model_folder):
+    sets = ["n_latents=64", "k=4", "batch_size=64", "geometric_median_tokens=128", "checkpoint_every=0"]
+    args = ["train", "--sweep", "fixed-lr", "--only", "*-n2048-k16-*", "--only", "*-n4096-k64-*"]
+    args += ["--n-tokens", "300", "--out", str(tmp_path / "runs"), "--model", str(model_folder)]
+    args += ["--layer", "1", "--corpus", str(corpus_file), "--ctx", "16"]
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 0
+    trained = sorted(p.name for p in (tmp_path / "runs").iterdir() if (p / "sae" / "cfg.json").is_file())
+    assert trained == ["topk-n2048-k16-fixedlr", "topk-n4096-k64-fixedlr"]
+
+
 @pytest.fixture(scope="module")
 def bad_input_paths(tmp_path_factory):
     from tests.bad_inputs import prepare
