@@ -68,6 +68,13 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def gather_columns(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's (rows, m) `tensor` side by side: (rows, world m), in rank order (on every rank)."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=1)
+
+
 class Group:
     """The default group as evaluation uses it: rank, world, and `gather` (every rank gets every rank's
     object).  Each exchange names its step; ranks that reach different steps raise `OutOfStep` instead of

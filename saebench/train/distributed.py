@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..ranks import gather_columns as _gather_columns
 from ..ranks import world_size
 from ..sae.sae import Normalization, SAEInfo, SparseCodes
 from .autoencoder import TrainableSAE, TrainOutput, nmse
@@ -60,13 +61,6 @@ def _gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor)
     return torch.cat(parts)
-
-
-def _gather_columns(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's (tokens, m) `tensor` side by side: (tokens, world m)."""
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=1)
 
 
 class DataParallel:
