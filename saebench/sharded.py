@@ -18,22 +18,28 @@ The result files are one process's: the same windows, residuals (each shard is t
 rows, whichever rank runs it) and metrics.  What differs is what says when and where: the provenance's
 `wall_time_s` and `created`, n2g's `details.seconds`, and on CUDA the device (cuda:LOCAL_RANK).
 
-A single very wide SAE would shard its latents over the ranks here instead of the checkpoints: step 2 is
-the same, and step 3 runs the metric on every rank with its share of the latents (not built yet).
+One checkpoint (a file, a folder of one, a remote one; not a built-in baseline) is a very wide SAE: its
+latents are shared out instead (`saebench.sae.latent_shard`).  Steps 1 and 2 are the same on every rank;
+in step 3 every rank reads the checkpoint, keeps its latent range and runs the metrics that allow it
+(`Metric.latent_sharded`: core encodes and decodes across the shards, probes fit each rank's latents),
+then rank 0 alone runs the others with the whole SAE (downstream, n2g, ...; every rank waits); rank 0 files
+every result.  The files are one process's up to float rounding of the summed reconstructions.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from datetime import timedelta
 
 from saebench.data.cache import collecting_together
 from saebench.metrics.registry import Metric
 from saebench.ranks import Group, is_main
-from saebench.results import reusable
-from saebench.runner import CHECKPOINT_ERRORS, Checkpoint, Failure, Runner, discover
+from saebench.results import reusable, write_result
+from saebench.runner import CHECKPOINT_ERRORS, Checkpoint, Failure, Runner, _payload, discover
 from saebench.sae.builtin import is_builtin
+from saebench.sae.latent_shard import LatentShard
 
 #: how long a rank waits at an exchange for the slowest one (ranks finish their checkpoints at their own pace)
 WAIT_FOR_RANKS = timedelta(hours=24)
@@ -56,7 +62,8 @@ class ShardedRunner(Runner):
         checkpoints = discover(self.config.checkpoint, self.config.label)
         plan = self._plan()
         batch = len(checkpoints) > 1
-        mine = list(range(group.rank, len(checkpoints), group.world))
+        wide = not batch and not is_builtin(checkpoints[0].source)  # one SAE: its latents are shared out
+        mine = [0] if wide else list(range(group.rank, len(checkpoints), group.world))
         needs: dict[Site, set[str]] = {}
         for i in mine:
             try:
@@ -79,12 +86,18 @@ class ShardedRunner(Runner):
         for i in mine:
             ckpt = checkpoints[i]
             try:
-                done[i] = self.evaluate(ckpt, plan, batch)
+                done[i] = (
+                    self.evaluate_latent_sharded(group, ckpt, plan)
+                    if wide
+                    else self.evaluate(ckpt, plan, batch)
+                )
             except CHECKPOINT_ERRORS as err:
                 error = err
                 done[i] = Failure(ckpt.label, ckpt.source, _first_line(err))
                 if batch:
                     print(f"saebench: {ckpt.label} failed; going on with the others", file=sys.stderr)
+        if wide:  # every rank evaluated it; rank 0's results and error are the run's
+            done = done if is_main() else {}
         everything = {i: part for rank_done in group.gather("results", done) for i, part in rank_done.items()}
         if not is_main():
             return []
@@ -98,6 +111,52 @@ class ShardedRunner(Runner):
             else:
                 results.extend(part)
         return results
+
+    def evaluate_latent_sharded(self, group: Group, ckpt: Checkpoint, plan: list) -> list[dict]:
+        """`evaluate` of one wide checkpoint on every rank: first the latent-sharded metrics on every rank
+        (each holding its latents), then the others on rank 0 with the whole SAE; rank 0 files the results
+        (in `plan`'s order) and returns them."""
+        ckpt.identify()
+        self.check_filing(ckpt, False)
+        sae, context = self.load(ckpt)
+        shard = LatentShard(sae, group)
+        del sae  # rank 0 reads it again if a metric needs it whole
+        filings = [self.filing(ckpt, context, metric, params, extra) for metric, params, extra in plan]
+        # one decision for every rank (a rank that computes where another reuses would wait forever)
+        reused = group.gather("reusable", [None if self.config.force else reusable(*f) for f in filings])[0]
+        if is_main():
+            print(
+                f"evaluating {ckpt.label} ({', '.join(m.name for m, _, _ in plan)}) with its latents over "
+                f"{group.world} ranks",
+                file=sys.stderr,
+            )
+        results: dict[int, dict] = {i: old for i, old in enumerate(reused) if old is not None}
+        whole = [i for i, (metric, _, _) in enumerate(plan) if i not in results and not metric.latent_sharded]
+        for i, (metric, params, _) in enumerate(plan):
+            if i in results or not metric.latent_sharded:
+                continue
+            t0 = time.perf_counter()
+            result = metric.compute(context, shard, params)
+            result.check_finite(metric.name, ckpt.source)
+            if is_main():
+                results[i] = self.file(metric, params, result, ckpt, shard, context, filings[i], t0)
+        context.forget(shard)
+        if is_main() and whole:
+            sae, context = self.load(ckpt)
+            for i in whole:
+                metric, params, _ = plan[i]
+                t0 = time.perf_counter()
+                result = metric.compute(context, sae, params)
+                result.check_finite(metric.name, ckpt.source)
+                results[i] = self.file(metric, params, result, ckpt, sae, context, filings[i], t0)
+            context.forget(sae)
+        return [results[i] for i in sorted(results)] if is_main() else []
+
+    def file(self, metric, params, result, ckpt, sae, context, filing, t0: float) -> dict:
+        path, key = filing
+        payload = _payload(metric, params, result, ckpt, sae, context, key, time.perf_counter() - t0)
+        write_result(path, payload)
+        return payload
 
     def pending(self, ckpt: Checkpoint, plan: list, batch: bool) -> tuple[Site, list[str]]:
         """The site `ckpt` is evaluated at and the metrics of `plan` it has no reusable result of."""

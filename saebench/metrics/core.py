@@ -133,6 +133,7 @@ register(
         description="reconstruction (nmse, fvu_raw) and sparsity (l0, dead and dense latents)",
         compute=compute,
         params=CoreParams,
+        latent_sharded=True,
         headline=("nmse", "l0", "dead_frac", "fvu_raw", "dense_frac", "norm_ratio"),
         lower_is_better=frozenset({"nmse", "fvu_raw", "dead_frac", "dense_frac"}),
         compact=("nmse", "l0", "dead_frac"),

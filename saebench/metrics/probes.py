@@ -15,6 +15,10 @@ Wide SAEs: the pooled latents are kept sparse (the pooled codes, `PooledLatents`
 fitted `POOLED_ELEMENTS // n_examples` latents at a time, keeping the best so far (the first latent of the
 lowest train CE, as one fit over all latents picks); nothing of size examples x n_latents is held at once.
 
+A latent-sharded SAE (`saebench.sae.latent_shard`, one wide checkpoint under torchrun): every rank
+encodes with the whole SAE's codes, keeps its own latents' entries and fits them; per task the lowest train
+CE over the ranks wins, the lowest rank's on equal CE (its latents come first), as one fit picks.
+
 Intervals resample tasks.  Per task the details keep the chosen latent's id, train CE, test CE and test
 AUROC, the residual channel's, and the prior's CE.
 """
@@ -36,6 +40,7 @@ from saebench.data.tasks import TaskError, discover_tasks, select_tasks, task_fi
 from saebench.metrics.logistic import cross_entropy, fit_logistic, standardize
 from saebench.metrics.registry import Metric, MetricResult, Option, Plot, register
 from saebench.metrics.stats import mean_estimate
+from saebench.sae.latent_shard import LatentShard
 from saebench.sae.sae import SAE
 
 FIT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -126,12 +131,16 @@ class PooledLatents:
         return out.view(self.n_examples, width)
 
 
-def pooled_codes(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> PooledLatents:
+def pooled_codes(
+    sae, acts: TaskActivations, pool: str, chunk_tokens: int, device, latents: slice | None = None
+) -> PooledLatents:
     """The task's SAE latents pooled per example (mean, max or last over positions 1..), kept sparse.
 
     Latents are >= 0 and an inactive latent is exactly 0, so max pooling starts from 0 and a sum over the
     sparse codes is the sum over all latents.  `last` encodes only each example's last position.
+    `latents`: keep only that range of the latents, numbered from its start (a latent shard's own).
     """
+    lo_latent, hi_latent = (0, sae.n_latents) if latents is None else (latents.start, latents.stop)
     n_ex, lengths = acts.n_examples, acts.lengths
     if pool == "last":
         examples = np.flatnonzero(lengths > 0)
@@ -151,16 +160,18 @@ def pooled_codes(sae, acts: TaskActivations, pool: str, chunk_tokens: int, devic
             x = torch.from_numpy(np.array(block)).to(device, sae.W_enc.dtype)
             codes = sae.encode_codes(x, scratch).codes
             active = codes.values != 0
+            if latents is not None:
+                active &= (codes.indices >= lo_latent) & (codes.indices < hi_latent)
             parts.append(
                 (
                     examples_t[lo:hi, None].expand_as(codes.indices)[active],
-                    codes.indices[active],
+                    codes.indices[active] - lo_latent,
                     (codes.values.double() * scale_t[lo:hi, None])[active],
                 )
             )
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     example, latent, value = (torch.cat(p) for p in zip(*parts, strict=True)) if parts else (empty,) * 3
-    return PooledLatents(n_ex, sae.n_latents, pool, example, latent, value.double())
+    return PooledLatents(n_ex, hi_latent - lo_latent, pool, example, latent, value.double())
 
 
 def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> torch.Tensor:
@@ -272,6 +283,7 @@ def task_fingerprints(params: ProbesParams) -> dict:
 
 def compute(context: EvalContext, sae: SAE, params: ProbesParams) -> MetricResult:
     tasks = selected(params)
+    shard = sae.latents if isinstance(sae, LatentShard) else None  # fit only this rank's latents
     timing = {"activations_s": 0.0, "encode_s": 0.0, "fit_s": 0.0, "residual_s": 0.0}
     per_task, scores, residual_scores, prior_scores = {}, [], [], []
     n_tokens = 0
@@ -279,13 +291,15 @@ def compute(context: EvalContext, sae: SAE, params: ProbesParams) -> MetricResul
         t0 = time.perf_counter()
         acts = site_task_activations(context.site, task)
         t1 = time.perf_counter()
-        pooled = pooled_codes(sae, acts, task.pool, params.chunk_tokens, context.device)
+        pooled = pooled_codes(sae, acts, task.pool, params.chunk_tokens, context.device, shard)
         if not pooled.finite():
             raise FloatingPointError(
                 f"probes: SAE latents on task {task.name!r} contain NaN or inf ({sae.info.path})"
             )
         t2 = time.perf_counter()
         best = best_latent_probe(pooled, acts.labels, acts.n_train, params)
+        if shard is not None:  # this rank's best of its latents; the lowest train CE of all ranks wins
+            best = sae.lowest(best.train_ce, replace(best, feature=best.feature + shard.start))
         del pooled
         t3 = time.perf_counter()
         best_residual = residual_baseline(context, task, acts, params)
@@ -336,6 +350,7 @@ register(
         description="1-D logistic probe loss of the best latent per binary task (probe_loss)",
         compute=compute,
         params=ProbesParams,
+        latent_sharded=True,
         headline=("probe_loss", "probe_loss_residual", "probe_loss_prior"),
         lower_is_better=frozenset({"probe_loss", "probe_loss_residual", "probe_loss_prior"}),
         key_extra=task_fingerprints,

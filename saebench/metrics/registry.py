@@ -113,6 +113,10 @@ class Metric:
     #: downstream's clean pass), so that under torchrun the ranks collect it together, each a share of its
     #: shards, before any of them evaluates a checkpoint (`saebench.sharded`); one process never calls it
     prepare: Callable[[Any, Any], None] | None = None
+    #: `compute` works on a `LatentShard` (one rank's latents of a wide SAE; it only encodes and decodes
+    #: through the SAE's codes, or splits its work over `sae.latents`), run on every rank of a torchrun
+    #: launch with one checkpoint; other metrics run on rank 0 alone with the whole SAE (`saebench.sharded`)
+    latent_sharded: bool = False
     #: command-line options of `saebench run` that set this metric's parameters
     options: tuple[Option, ...] = ()
     #: claim_items(items, overrides) -> parameter overrides, or None: `--tasks` items that are not metric
