@@ -89,8 +89,11 @@ class EvalContext:
         }
 
     def store(self, kind: str, extra: dict | None = None) -> Store:
-        """A cache folder at this site for a metric's own SAE-independent data."""
-        return self.site.store(kind, extra)
+        """A cache folder at this site for a metric's own SAE-independent data; keyed by the evaluation
+        set's first window too when it is not the default set's (eval_start > 0), so data of other
+        windows (the lr sweep's validation windows) never serves this set or is served by it."""
+        start = {"eval_start": self.config.eval_start} if self.config.eval_start else {}
+        return self.site.store(kind, {**(extra or {}), **start})
 
     @cached_property
     def windows(self) -> np.ndarray:

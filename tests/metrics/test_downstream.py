@@ -81,6 +81,15 @@ def test_clean_pass_is_cached_once(make_context):
     np.testing.assert_array_equal(np.array(reference(again).ce_clean), first)
 
 
+def test_other_windows_get_their_own_clean_pass(make_context):
+    first = make_context(n_tokens=4 * 15)
+    later = make_context(n_tokens=4 * 15, eval_start=len(first.windows))  # e.g. the lr sweep's validation
+    assert not np.array_equal(first.windows, later.windows)
+    for context in (first, later):  # the other set's clean pass would give an exact reconstruction a KL
+        v = downstream(context, identity_sae(context.model.d_model), DownstreamParams()).values
+        assert abs(v["delta_ce"].value) < 1e-5 and abs(v["kl"].value) < 1e-6
+
+
 def test_downstream_after_core_does_not_encode_again(make_context):
     from saebench.metrics.core import CoreParams
     from saebench.metrics.core import compute as core
