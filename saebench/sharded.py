@@ -45,7 +45,7 @@ from saebench.sae.latent_shard import LatentShard
 WAIT_FOR_RANKS = timedelta(hours=24)
 
 #: (model, layer, where the layer comes from for messages): where a checkpoint is evaluated
-Site = tuple
+SiteKey = tuple
 
 
 class ShardedRunner(Runner):
@@ -64,7 +64,7 @@ class ShardedRunner(Runner):
         batch = len(checkpoints) > 1
         wide = not batch and not is_builtin(checkpoints[0].source)  # one SAE: its latents are shared out
         mine = [0] if wide else list(range(group.rank, len(checkpoints), group.world))
-        needs: dict[Site, set[str]] = {}
+        needs: dict[SiteKey, set[str]] = {}
         for i in mine:
             try:
                 with warnings.catch_warnings():
@@ -74,7 +74,7 @@ class ShardedRunner(Runner):
                 continue  # evaluating it says why
             if names:
                 needs.setdefault(site, set()).update(names)
-        sites: dict[tuple, tuple[Site, set[str]]] = {}
+        sites: dict[tuple, tuple[SiteKey, set[str]]] = {}
         for part in group.gather("sites", needs):
             for site, names in part.items():
                 sites.setdefault(site[:2], (site, set()))[1].update(names)
@@ -158,7 +158,7 @@ class ShardedRunner(Runner):
         write_result(path, payload)
         return payload
 
-    def pending(self, ckpt: Checkpoint, plan: list, batch: bool) -> tuple[Site, list[str]]:
+    def pending(self, ckpt: Checkpoint, plan: list, batch: bool) -> tuple[SiteKey, list[str]]:
         """The site `ckpt` is evaluated at and the metrics of `plan` it has no reusable result of."""
         ckpt.identify()
         self.check_filing(ckpt, batch)
@@ -177,7 +177,7 @@ class ShardedRunner(Runner):
         ]
         return site, names
 
-    def prepare(self, group: Group, site: Site, plan: list[tuple[Metric, object, dict]]) -> None:
+    def prepare(self, group: Group, site: SiteKey, plan: list[tuple[Metric, object, dict]]) -> None:
         """Every rank loads the model at `site` and collects its share of the inputs `plan`'s metrics read
         there.  A step that fails on any rank ends the preparation of this site on every rank: the
         checkpoints there then collect what is missing, or fail, when they are evaluated."""

@@ -174,11 +174,6 @@ def pooled_codes(
     return PooledLatents(n_ex, hi_latent - lo_latent, pool, example, latent, value.double())
 
 
-def pool_latents(sae, acts: TaskActivations, pool: str, chunk_tokens: int, device) -> torch.Tensor:
-    """Pooled SAE latents (n_examples, n_latents) float64, dense (`pooled_codes` keeps them sparse)."""
-    return pooled_codes(sae, acts, pool, chunk_tokens, device).columns(0, sae.n_latents)
-
-
 def pool_residual(acts: TaskActivations, pool: str) -> np.ndarray:
     """The raw residual channels pooled per example, (n_examples, d) float64; 0 for an empty example."""
     lengths, starts = acts.lengths, acts.offsets[:-1]

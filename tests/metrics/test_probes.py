@@ -15,7 +15,6 @@ from saebench.metrics.probes import (
     auroc,
     best_latent_probe,
     best_probe,
-    pool_latents,
     pool_residual,
     pooled_codes,
 )
@@ -163,7 +162,7 @@ def test_pooling_matches_dense_encoding(make_context, task_dir, pool, activation
     context = make_context()
     acts = site_task_activations(context.site, tiny_task(task_dir))
     sae = random_sae(context.model.d_model, 40, activation=activation, normalization="layer_norm", k=5)
-    got = pool_latents(sae, acts, pool, chunk_tokens=37, device="cpu")
+    got = pooled_codes(sae, acts, pool, chunk_tokens=37, device="cpu").columns(0, sae.n_latents)
     for i in range(acts.n_examples):
         with torch.inference_mode():
             z = sae.encode(
