@@ -108,8 +108,11 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     path = generate([results], out)
     text = path.read_text()
     assert "for 1 of 1 comparable ReLU checkpoints" in text
-    assert "dead fraction at most 0.0200" in text and "(topk (no AuxK, untied init)): 0.4000" in text
-    assert "with nmse 0.2000 against 0.1437 for the recipe at the same n and k (topk-n1024-k32)" in text
+    assert "dead fraction at most 0.0200" in text
+    assert (
+        "topk-n1024-k32-plain (topk (no AuxK, untied init)): 0.4000 against 0.0100 for topk-n1024-k32 "
+        "(topk), with nmse 0.2000 against 0.1437" in text
+    )
     assert "ReLU + L1 for contrast: 0.3000 to 0.3000 over 1 checkpoints" in text
     fit = re.search(r"k=32: .*fit nmse = ([0-9.]+) n\^(-[0-9.]+) \+ ([0-9.]+): falls with n", text)
     assert (
@@ -119,6 +122,32 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
     )
     for png in ("nmse_vs_l0.png", "delta_ce_vs_l0.png", "dead_frac.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_dead_latent_pairs_match_the_twin_with_the_same_settings(results):
+    from saebench.leaderboard.claims import HOLDS, _dead_pairs, measure_dead_latents
+
+    # the same pair at a set lr: each variant is compared with the recipe at that lr, not the baseline
+    write(results, "topk-n1024-k32-lr8e-3", "topk", 1024, 32, 0.3, 32, 0.1, lr=8e-3)
+    variant = "topk-n1024-k32-lr8e-3-noauxk-untied"
+    write(results, variant, "topk", 1024, 32, 0.3, 32, 0.6, variant="x", lr=8e-3)
+    rows = collect_rows([results])
+    pairs = {r.label: t.label for r, t in _dead_pairs(rows)}
+    assert pairs == {
+        "topk-n1024-k32-plain": "topk-n1024-k32",
+        variant: "topk-n1024-k32-lr8e-3",
+    }
+    assert measure_dead_latents(rows).verdict == HOLDS  # the fixture's dead fractions have no interval
+
+
+def test_a_fixed_lr_run_is_its_own_family(tmp_path):
+    write(tmp_path, "topk-n4096-k32-fixedlr", "topk", 4096, 32, 0.2, 32, 0.0)
+    path = tmp_path / "topk-n4096-k32-fixedlr" / "core.json"
+    core = json.loads(path.read_text())
+    core["checkpoint"]["training"]["config"]["lr_at_n"] = 2048
+    path.write_text(json.dumps(core))
+    (row,) = collect_rows([tmp_path])
+    assert row.family == "topk (lr of n=2048)" and not row.mitigations_off
 
 
 def test_empty_results_is_an_error(tmp_path):

@@ -55,6 +55,22 @@ class Row:
         return f"{arch} ({variant})" if variant else arch
 
     @property
+    def mitigations_off(self) -> bool:
+        """Whether it was trained with AuxK or the tied encoder init (the dead-latent mitigations) off."""
+        config = (self.checkpoint.get("training") or {}).get("config") or {}
+        return bool(set(_departures(config)) & set(MITIGATIONS))
+
+    @property
+    def mitigated_family(self) -> str:
+        """The family of its twin with both dead-latent mitigations on: its own without those departures."""
+        training = self.checkpoint.get("training") or {}
+        if training.get("variant"):
+            return self.family
+        rest = [d for d in _departures(training.get("config") or {}) if d not in MITIGATIONS]
+        arch = self.family.split(" (")[0]
+        return f"{arch} ({', '.join(rest)})" if rest else arch
+
+    @property
     def space(self) -> str:
         """The input space its SAE-space values (nmse) are measured in: raw, layer_norm, token_norm.
 
@@ -64,8 +80,16 @@ class Row:
         return SPACES.get(kind, str(kind)) if kind else "unknown"
 
 
+#: the departures that switch off the paper's dead-latent mitigations
+MITIGATIONS = ("no AuxK", "untied init")
+
+
 def _training_variant(config: dict) -> str | None:
     """How a saebench-trained checkpoint departs from the paper's recipe, from its training config."""
+    return ", ".join(_departures(config)) or None
+
+
+def _departures(config: dict) -> list[str]:
     departures = []
     if config.get("activation") == "topk" and config.get("auxk_alpha") == 0:
         departures.append("no AuxK")
@@ -75,7 +99,9 @@ def _training_variant(config: dict) -> str | None:
         departures.append("Multi-TopK")
     if config.get("lr") is not None:
         departures.append(f"lr {config['lr']:.3g}")
-    return ", ".join(departures) or None
+    elif config.get("lr_at_n") is not None:
+        departures.append(f"lr of n={config['lr_at_n']}")
+    return departures
 
 
 def collect_rows(result_dirs: list[Path]) -> list[Row]:

@@ -137,15 +137,27 @@ def _loglog_interp(frontier, x: float) -> float | None:
     return float(np.exp(np.interp(lx, xs, ys)))
 
 
+def _dead_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(variant, twin): each TopK run with AuxK or the tied init off, beside the run of the same n, k and
+    other settings (e.g. the same fixed lr) with both mitigations on."""
+    dead = ("core", "dead_frac")
+    scored = [r for r in rows if r.get(*dead) is not None and r.family.startswith("topk")]
+    pairs = []
+    for r in (r for r in scored if r.mitigations_off):
+        key = (r.checkpoint.get("n_latents"), r.checkpoint.get("k"), r.mitigated_family)
+        twin = [
+            t
+            for t in scored
+            if not t.mitigations_off
+            and (t.checkpoint.get("n_latents"), t.checkpoint.get("k"), t.family) == key
+        ]
+        if twin:
+            pairs.append((r, twin[0]))
+    return pairs
+
+
 def claim_dead_latents(rows: list[Row]) -> str:
     with_aux = [r for r in rows if r.family == "topk" and r.get("core", "dead_frac") is not None]
-    without = [
-        r
-        for r in rows
-        if r.family.startswith("topk (")
-        and ("AuxK" in r.family or "untied" in r.family)
-        and r.get("core", "dead_frac") is not None
-    ]
     if not with_aux:
         return "not measured: needs TopK checkpoints with core results"
     worst = max(with_aux, key=lambda r: r.get("core", "dead_frac"))
@@ -153,19 +165,13 @@ def claim_dead_latents(rows: list[Row]) -> str:
         f"TopK with AuxK and tied init: dead fraction at most {worst.get('core', 'dead_frac'):.4f} "
         f"({worst.label}) over {len(with_aux)} checkpoints"
     )
-    for r in without:
-        text += f"; {r.label} ({r.family}): {r.get('core', 'dead_frac'):.4f}"
-        twin = [
-            t
-            for t in with_aux
-            if (t.checkpoint.get("n_latents"), t.checkpoint.get("k"))
-            == (r.checkpoint.get("n_latents"), r.checkpoint.get("k"))
-        ]
-        if twin and r.get("core", "nmse") is not None and twin[0].get("core", "nmse") is not None:
-            text += (
-                f", with nmse {r.get('core', 'nmse'):.4f} against {twin[0].get('core', 'nmse'):.4f} "
-                f"for the recipe at the same n and k ({twin[0].label})"
-            )
+    for r, twin in _dead_pairs(rows):
+        text += (
+            f"; {r.label} ({r.family}): {r.get('core', 'dead_frac'):.4f} against "
+            f"{twin.get('core', 'dead_frac'):.4f} for {twin.label} ({twin.family})"
+        )
+        if r.get("core", "nmse") is not None and twin.get("core", "nmse") is not None:
+            text += f", with nmse {r.get('core', 'nmse'):.4f} against {twin.get('core', 'nmse'):.4f}"
     relu = [
         r.get("core", "dead_frac")
         for r in rows
@@ -384,24 +390,7 @@ def measure_topk_frontier(rows: list[Row]) -> Verdict:
 
 def measure_dead_latents(rows: list[Row]) -> Verdict:
     dead = ("core", "dead_frac")
-    recipe = [r for r in rows if r.family == "topk" and r.get(*dead) is not None]
-    variants = [
-        r
-        for r in rows
-        if r.family.startswith("topk (")
-        and ("AuxK" in r.family or "untied" in r.family)
-        and r.get(*dead) is not None
-    ]
-    pairs = []
-    for r in variants:
-        twin = [
-            t
-            for t in recipe
-            if (t.checkpoint.get("n_latents"), t.checkpoint.get("k"))
-            == (r.checkpoint.get("n_latents"), r.checkpoint.get("k"))
-        ]
-        if twin:
-            pairs.append((r, twin[0]))
+    pairs = _dead_pairs(rows)
     if not pairs:
         return Verdict(
             "needs a TopK run without AuxK / tied init beside the recipe at the same n and k", UNMEASURED

@@ -25,6 +25,11 @@ ReLU's optimum lies), each run's lambda searched to the target (`l1_search.py`) 
 scored, so the lrs compare at (nearly) the same L0; the table prints each run's L0.  Its trend is filed
 under "relu" beside TopK's, and the baseline's lambda searches then run at it.
 
+The dead-latents sweep separates the paper's two mitigations where latents do die at our budget: at the
+tuned lr few do, so it trains TopK n=4096, k=32 at DEAD_LR (about 3.5x the tuned lr, where 60% of the
+recipe's latents died in an earlier run) three ways: the recipe, without AuxK, and without AuxK and with
+an untied encoder init.  The leaderboard pairs each with the recipe run of the same settings.
+
 Every preset leaves the run length (max_tokens), device and dtype to the caller:
 `dataclasses.replace(PRESETS[name], max_tokens=..., device=...)`.
 """
@@ -66,6 +71,17 @@ def _fixed_lr() -> dict[str, TrainConfig]:
     }
 
 
+#: the dead-latents sweep's lr, dictionary size and k
+DEAD_LR, DEAD_N, DEAD_K = 8e-3, 4096, 32
+
+
+def _dead_latents() -> dict[str, TrainConfig]:
+    base = f"topk-n{DEAD_N}-k{DEAD_K}-lr{DEAD_LR:g}"
+    arms = {"": {}, "-noauxk": {"auxk_alpha": 0.0}, "-noauxk-untied": {"auxk_alpha": 0.0, "tied_init": False}}
+    recipe = TrainConfig(n_latents=DEAD_N, k=DEAD_K, lr=DEAD_LR)
+    return {base + suffix: replace(recipe, **arm) for suffix, arm in arms.items()}
+
+
 #: the lr sweep's k and its grid, as multiples of the paper's lr at each n (2x ... 16x, log-spaced)
 LR_SWEEP_K = 32
 LR_FACTORS = tuple(2 ** (1 + 0.75 * i) for i in range(5))
@@ -101,11 +117,18 @@ def _relu_lr_sweep() -> dict[str, TrainConfig]:
 
 
 #: every preset by name
-PRESETS: dict[str, TrainConfig] = {**_baseline(), **_fixed_lr(), **_lr_sweep(), **_relu_lr_sweep()}
+PRESETS: dict[str, TrainConfig] = {
+    **_baseline(),
+    **_fixed_lr(),
+    **_dead_latents(),
+    **_lr_sweep(),
+    **_relu_lr_sweep(),
+}
 #: sweep name -> preset names, in training order
 SWEEPS: dict[str, tuple[str, ...]] = {
     "baseline": tuple(_baseline()),
     "fixed-lr": tuple(_fixed_lr()),
+    "dead-latents": tuple(_dead_latents()),
     LR_SWEEP: tuple(_lr_sweep()),
     RELU_LR_SWEEP: tuple(_relu_lr_sweep()),
 }

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -225,3 +226,13 @@ def test_resumed_run_keeps_its_lr_when_the_trend_changes(tmp_path, monkeypatch, 
     assert (resumed.lr, resumed.lr_source) == (trainer.lr, trainer.lr_source)
     assert resumed.optimizer.param_groups[0]["lr"] == trainer.lr != paper_lr(48)
     assert resumed.provenance()["lr_source"].startswith("trend ")
+
+
+def test_dead_latents_sweep_differs_from_the_recipe_only_in_its_mitigations():
+    arms = sweep("dead-latents")
+    recipe, *variants = arms.values()
+    assert recipe.auxk_alpha is None and recipe.tied_init and recipe.lr is not None
+    for config in variants:
+        assert config.auxk_alpha == 0.0
+        assert replace(config, auxk_alpha=None, tied_init=True) == recipe
+    assert [c.tied_init for c in variants] == [True, False]
