@@ -125,19 +125,31 @@ def test_generate_writes_readme_claims_and_plots(results, tmp_path):
 
 
 def test_dead_latent_pairs_match_the_twin_with_the_same_settings(results):
-    from saebench.leaderboard.claims import HOLDS, _dead_pairs, measure_dead_latents
+    from saebench.leaderboard import dead_pairs
+    from saebench.leaderboard.claims import HOLDS, measure_dead_latents
 
     # the same pair at a set lr: each variant is compared with the recipe at that lr, not the baseline
     write(results, "topk-n1024-k32-lr8e-3", "topk", 1024, 32, 0.3, 32, 0.1, lr=8e-3)
     variant = "topk-n1024-k32-lr8e-3-noauxk-untied"
     write(results, variant, "topk", 1024, 32, 0.3, 32, 0.6, variant="x", lr=8e-3)
     rows = collect_rows([results])
-    pairs = {r.label: t.label for r, t in _dead_pairs(rows)}
+    pairs = {r.label: t.label for r, t in dead_pairs(rows)}
     assert pairs == {
         "topk-n1024-k32-plain": "topk-n1024-k32",
         variant: "topk-n1024-k32-lr8e-3",
     }
     assert measure_dead_latents(rows).verdict == HOLDS  # the fixture's dead fractions have no interval
+
+    from saebench.leaderboard.plots import dead_history_figure
+
+    assert dead_history_figure(rows) is None  # no run recorded its dead count over training
+    for label in pairs.keys() | pairs.values():
+        path = results / label / "core.json"
+        core = json.loads(path.read_text())
+        core["checkpoint"]["training"]["dead_history"] = [[0, 0.0], [1000, 0.2], [2000, 0.3]]
+        path.write_text(json.dumps(core))
+    fig = dead_history_figure(collect_rows([results]))
+    assert len(fig.axes[0].lines) == 4  # the two pairs, one line per run
 
 
 def test_a_fixed_lr_run_is_its_own_family(tmp_path):

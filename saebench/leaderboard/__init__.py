@@ -118,6 +118,25 @@ def collect_rows(result_dirs: list[Path]) -> list[Row]:
     return list(rows.values())
 
 
+def dead_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
+    """(variant, twin): each TopK run with AuxK or the tied init off, beside the run of the same n, k and
+    other settings (e.g. the same fixed lr) with both mitigations on."""
+    dead = ("core", "dead_frac")
+    scored = [r for r in rows if r.get(*dead) is not None and r.family.startswith("topk")]
+    pairs = []
+    for r in (r for r in scored if r.mitigations_off):
+        key = (r.checkpoint.get("n_latents"), r.checkpoint.get("k"), r.mitigated_family)
+        twin = [
+            t
+            for t in scored
+            if not t.mitigations_off
+            and (t.checkpoint.get("n_latents"), t.checkpoint.get("k"), t.family) == key
+        ]
+        if twin:
+            pairs.append((r, twin[0]))
+    return pairs
+
+
 def points(
     rows: list[Row], family: str, y: tuple[str, str], x: tuple[str, str]
 ) -> list[tuple[float, float, Row]]:

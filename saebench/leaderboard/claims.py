@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from saebench.leaderboard import Row, points
+from saebench.leaderboard import Row, dead_pairs, points
 from saebench.leaderboard.fits import fit_power_law, scaling_fits
 
 HOLDS, FAILS, UNSEPARATED, UNMEASURED = (
@@ -137,25 +137,6 @@ def _loglog_interp(frontier, x: float) -> float | None:
     return float(np.exp(np.interp(lx, xs, ys)))
 
 
-def _dead_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
-    """(variant, twin): each TopK run with AuxK or the tied init off, beside the run of the same n, k and
-    other settings (e.g. the same fixed lr) with both mitigations on."""
-    dead = ("core", "dead_frac")
-    scored = [r for r in rows if r.get(*dead) is not None and r.family.startswith("topk")]
-    pairs = []
-    for r in (r for r in scored if r.mitigations_off):
-        key = (r.checkpoint.get("n_latents"), r.checkpoint.get("k"), r.mitigated_family)
-        twin = [
-            t
-            for t in scored
-            if not t.mitigations_off
-            and (t.checkpoint.get("n_latents"), t.checkpoint.get("k"), t.family) == key
-        ]
-        if twin:
-            pairs.append((r, twin[0]))
-    return pairs
-
-
 def claim_dead_latents(rows: list[Row]) -> str:
     with_aux = [r for r in rows if r.family == "topk" and r.get("core", "dead_frac") is not None]
     if not with_aux:
@@ -165,7 +146,7 @@ def claim_dead_latents(rows: list[Row]) -> str:
         f"TopK with AuxK and tied init: dead fraction at most {worst.get('core', 'dead_frac'):.4f} "
         f"({worst.label}) over {len(with_aux)} checkpoints"
     )
-    for r, twin in _dead_pairs(rows):
+    for r, twin in dead_pairs(rows):
         text += (
             f"; {r.label} ({r.family}): {r.get('core', 'dead_frac'):.4f} against "
             f"{twin.get('core', 'dead_frac'):.4f} for {twin.label} ({twin.family})"
@@ -390,7 +371,7 @@ def measure_topk_frontier(rows: list[Row]) -> Verdict:
 
 def measure_dead_latents(rows: list[Row]) -> Verdict:
     dead = ("core", "dead_frac")
-    pairs = _dead_pairs(rows)
+    pairs = dead_pairs(rows)
     if not pairs:
         return Verdict(
             "needs a TopK run without AuxK / tied init beside the recipe at the same n and k", UNMEASURED

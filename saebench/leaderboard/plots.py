@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from saebench.leaderboard import Row
+from saebench.leaderboard import Row, dead_pairs
 from saebench.metrics.registry import Plot
 
 MARKERS = "osD^v<>PX*"
 FITS_FILE = "nmse_vs_n_fits.png"
 VS_N_FILE = "metrics_vs_n.png"
+DEAD_HISTORY_FILE = "dead_over_training.png"
 
 
 def _plt():
@@ -307,6 +308,42 @@ def fits_figure(rows: list[Row]):
     return fig
 
 
+def dead_history_figure(rows: list[Row]):
+    """The dead fraction over training of each run with a dead-latent mitigation off and of its twin with
+    both on (`dead_pairs`), from the trainer's `dead_history`; None when no pair recorded one."""
+    plt = _plt()
+    pairs = [
+        (r, t)
+        for r, t in dead_pairs(rows)
+        if all((x.checkpoint.get("training") or {}).get("dead_history") for x in (r, t))
+    ]
+    if not pairs:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    drawn = set()
+    for pair in pairs:
+        for r in pair:
+            if r.label in drawn:
+                continue
+            drawn.add(r.label)
+            tokens, dead = zip(*r.checkpoint["training"]["dead_history"], strict=True)
+            ax.plot(
+                tokens,
+                dead,
+                marker="o",
+                markersize=3,
+                linestyle="--" if r.mitigations_off else "-",
+                label=f"{r.label} ({r.family})",
+            )
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("dead fraction (no fire in dead_tokens)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plots(rows: list[Row], out: Path) -> list[str]:
     """Every figure the rows support, written under `out` as PNG and SVG; the PNG names, in README order."""
     from saebench.metrics.registry import metrics
@@ -331,6 +368,7 @@ def plots(rows: list[Row], out: Path) -> list[str]:
         if sum(r.get(metric, plot.value) is not None and r.get(*plot.against) is not None for r in rows) >= 2:
             keep(at_fixed_l0_figure(rows, metric, plot), plot.file)
     keep(fits_figure(rows), FITS_FILE)
+    keep(dead_history_figure(rows), DEAD_HISTORY_FILE)
     for metric, plot in (d for d in declared if d[1].kind == "bar"):
         bars = [(r.label, r.get(metric, plot.value)) for r in rows if r.get(metric, plot.value) is not None]
         if not bars:

@@ -281,6 +281,8 @@ class Trainer:
             "complete": self.finished,
             "wall_time_s": round(self.wall_time_s, 3),
             "last_log": last,
+            # (tokens, dead fraction) at every log step: the dead count over training (leaderboard)
+            "dead_history": [[row["tokens"], round(row["dead_frac"], 6)] for row in self.history],
             **({} if self.parallel is None else {"distributed": self.parallel.describe()}),
         }
 

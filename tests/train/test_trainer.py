@@ -30,6 +30,9 @@ def test_loss_decreases_and_decoder_stays_unit_norm():
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
     assert trainer.step == 60 and trainer.tokens_seen == 60 * 128
     assert sae.k == 4 and sae.normalization.kind == "layer_norm"
+    dead = trainer.provenance()["dead_history"]  # the dead count over training, one point per log step
+    assert [t for t, _ in dead] == [row["tokens"] for row in trainer.history] and len(dead) == 6
+    assert all(0 <= f <= 1 for _, f in dead)
 
 
 def test_a_last_batch_of_one_token_is_not_trained_on():
