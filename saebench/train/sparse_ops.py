@@ -77,9 +77,11 @@ def scatter_outer(
 
     `out`: a tensor to overwrite with the result (its contents are ignored), or None for a new one.
 
-    On CPU and CUDA: one sparse (CSR, n_rows x N, m nonzeros per column) @ dense (N x d) product, with the
-    terms of each row summed in token order (the order the chunked `index_add_` fallback uses; `pattern`
-    is `latent_major(indices, n_rows)` when the caller has it); elsewhere index_add_ over token chunks."""
+    On CPU and CUDA: one sparse (CSR, n_rows x N, m nonzeros per column) @ dense (N x d) product, its
+    nonzeros in token order (`pattern` is `latent_major(indices, n_rows)` when the caller has it);
+    elsewhere index_add_ over token chunks.  The two agree to rounding: the order in which the sparse
+    kernel adds a row's terms is the library's (token order on AVX2 CPUs, bitwise the index_add_ sum; on
+    AVX-512 ones MKL's vectorised kernel orders them otherwise)."""
     n_tokens, m = indices.shape
     d = vectors.shape[1]
     if vectors.device.type in _CSR_DEVICES and n_tokens * m:
