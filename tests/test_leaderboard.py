@@ -354,3 +354,17 @@ def test_claims_table_verdicts_follow_the_rule(results, tmp_path):
     rising = {row[0]: row for row in claims_table(collect_rows([tmp_path / "rising"]))}
     power = rising["nmse falls as a power law in n with an irreducible term. (topk)"]
     assert power[3] == f"**{FAILS}**" and "nmse rises from 0.2500" in power[2]
+
+
+def test_builtin_reference_dictionaries_are_left_out_of_the_claims(results):
+    from saebench.leaderboard.claims import claims_section
+
+    write(results, "builtin-pca-topk-k32", "pca-topk", 1152, 32, 0.4, 32, 0.9)
+    path = results / "builtin-pca-topk-k32" / "core.json"
+    core = json.loads(path.read_text())
+    core["checkpoint"]["format"] = "builtin"
+    path.write_text(json.dumps(core))
+    rows = collect_rows([results])
+    assert "builtin-pca-topk-k32" in table(rows, sort="core.nmse")  # in the tables, as a control
+    text = claims_section(rows)
+    assert "builtin-pca-topk-k32" not in text and "left out of the claims" in text

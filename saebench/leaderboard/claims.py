@@ -638,13 +638,21 @@ def claims_table(rows: list[Row]) -> list[list[str]]:
     return out
 
 
+def sae_rows(rows: list[Row]) -> list[Row]:
+    """The rows the claims are about: SAEs, not the built-in reference dictionaries (PCA, random), which
+    are controls (in the tables beside them, and left out of every claim)."""
+    return [r for r in rows if r.checkpoint.get("format") != "builtin"]
+
+
 def claims_section(rows: list[Row]) -> str:
-    """Markdown: the claims table, its rule, and each claim's details."""
+    """Markdown: the claims table, its rule, and each claim's details (on the SAE rows, `sae_rows`)."""
     from tabulate import tabulate
 
+    rows = sae_rows(rows)
     body = [[cell.replace("|", "\\|") for cell in row] for row in claims_table(rows)]
     parts = [
         RULE,
+        "The built-in reference dictionaries are controls, not SAEs: they are left out of the claims.",
         "",
         tabulate(
             body, headers=["claim", "the paper's finding", "measured here", "verdict"], tablefmt="github"
