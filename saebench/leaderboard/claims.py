@@ -374,7 +374,7 @@ def measure_dead_latents(rows: list[Row]) -> Verdict:
     pairs = dead_pairs(rows)
     if not pairs:
         return Verdict(
-            "needs a TopK run without AuxK / tied init beside the recipe at the same n and k", UNMEASURED
+            "needs a TopK run without AuxK / tied init beside one with both at the same settings", UNMEASURED
         )
     sides = [_side(_interval(t, *dead), _interval(r, *dead)) for r, t in pairs]
     number = "; ".join(

@@ -102,8 +102,8 @@ def test_latent_major_groups_selections_by_latent_in_token_order():
 
 
 def test_scatter_outer_csr_path_is_the_index_add_sum_and_overwrites_out():
-    # to rounding, not bitwise: how MKL's CSR kernel orders a row's terms depends on the CPU (token order,
-    # bitwise the index_add_ sum, on AVX2; otherwise on AVX-512, 1e-15 apart in float64)
+    # to rounding, not bitwise: how MKL's CSR kernel orders a row's terms depends on the CPU (bitwise the
+    # index_add_ sum on the machines this was written on; 1.8e-15 apart in float64 on an AVX-512 Xeon)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
         gen = torch.Generator().manual_seed(7)
         n_rows, n_tokens, m, d = 300, 64, 8, 40  # many rows never selected
