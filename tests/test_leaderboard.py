@@ -24,6 +24,7 @@ def write(
     rel=0.1,
     space=None,
     windows=None,
+    model=None,
 ):
     # the ablation run's training config departs from the recipe: the leaderboard reads that from it
     config = {"activation": arch, "auxk_alpha": 0.0, "tied_init": False} if variant else {"activation": arch}
@@ -38,6 +39,8 @@ def write(
     }
     if space:
         ck["normalization"] = space
+    if model:
+        ck["d_in"] = model[1]
     core = {
         "schema": RESULT_SCHEMA,
         "metric": "core",
@@ -59,6 +62,8 @@ def write(
     if windows is not None:
         core["details"] = {"nmse_windows": windows}
         core["data_key"] = {"windows": "shared"}
+    if model:
+        core["data_key"] = {**core.get("data_key", {}), "model": f"{model[0]}@pkg==1.0"}
     (folder / label).mkdir(parents=True)
     (folder / label / "core.json").write_text(json.dumps(core))
     if delta_ce is not None:
@@ -368,3 +373,41 @@ def test_builtin_reference_dictionaries_are_left_out_of_the_claims(results):
     assert "builtin-pca-topk-k32" in table(rows, sort="core.nmse")  # in the tables, as a control
     text = claims_section(rows)
     assert "builtin-pca-topk-k32" not in text and "left out of the claims" in text
+
+
+# --- subject-model size -------------------------------------------------------------------------------
+def _two_models(tmp_path, large_b):
+    """One fixed-lr sweep on the default model (width 576) and, same labels, on a wider one (640)."""
+    for n in (1024, 2048, 4096, 8192, 16384, 32768):
+        for name, width, a, b in (("smollm2-135m", 576, 3.0, -0.5), ("gemma3-270m", 640, 3.0, large_b)):
+            write(
+                tmp_path / name,
+                f"topk-n{n}-k32",
+                "topk",
+                n,
+                32,
+                a * n**b + 0.1,
+                32,
+                0.0,
+                rel=0.005,
+                model=(name, width),
+            )
+    return collect_rows([tmp_path])
+
+
+def test_rows_of_one_sweep_on_two_subject_models_stay_apart(tmp_path):
+    rows = _two_models(tmp_path, -0.3)
+    assert len(rows) == 12
+    labels = {r.label for r in rows}
+    assert "topk-n1024-k32" in labels and "gemma3-270m/topk-n1024-k32" in labels
+    assert {r.family for r in rows} == {"topk", "topk on gemma3-270m"}
+
+
+def test_subject_size_claim_holds_for_a_higher_flatter_law_and_fails_for_the_reverse(tmp_path):
+    from saebench.leaderboard.claims import FAILS, HOLDS, measure_subject_size
+
+    (v,) = measure_subject_size(_two_models(tmp_path / "flatter", -0.3))
+    assert v.verdict == HOLDS and v.scope.startswith("topk: smollm2-135m (d 576) vs gemma3-270m (d 640)")
+    assert "n=1024:" in v.number and "b = " in v.number
+    (v,) = measure_subject_size(_two_models(tmp_path / "steeper", -0.7))  # the wider model's nmse is lower
+    assert v.verdict == FAILS

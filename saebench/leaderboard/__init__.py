@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from saebench.data.cache import atomic_write_bytes
+from saebench.model.aliases import DEFAULT_MODEL
 from saebench.results import iter_results, load_results
 
 SPACES = {"none": "raw", "constant": "raw", "layer_norm": "layer_norm", "token_norm": "token_norm"}
@@ -40,6 +41,8 @@ class Row:
     details: dict[str, dict] = field(default_factory=dict)
     #: {metric: the result's data_key as JSON}: which evaluation windows it was scored on
     data_keys: dict[str, str] = field(default_factory=dict)
+    #: the subject model it was evaluated on (its alias or id, without the package version)
+    subject: str = ""
 
     def get(self, metric: str, name: str) -> float | None:
         v = self.values.get(metric, {}).get(name)
@@ -50,9 +53,14 @@ class Row:
         """Architecture family for plots: topk, relu, jumprelu, ... (with a training variant if any)."""
         training = self.checkpoint.get("training") or {}
         variant = training.get("variant") or _training_variant(training.get("config") or {})
+        return self._named(variant)
+
+    def _named(self, variant: str | None) -> str:
+        """`arch (variant) on subject`: the subject model named only when it is not the default one."""
         arch = str(self.checkpoint.get("architecture", "?")).lower()
         arch = {"standard": "relu"}.get(arch, arch)
-        return f"{arch} ({variant})" if variant else arch
+        name = f"{arch} ({variant})" if variant else arch
+        return f"{name} on {self.subject}" if self.subject and self.subject != DEFAULT_MODEL else name
 
     @property
     def mitigations_off(self) -> bool:
@@ -67,8 +75,7 @@ class Row:
         if training.get("variant"):
             return self.family
         rest = [d for d in _departures(training.get("config") or {}) if d not in MITIGATIONS]
-        arch = self.family.split(" (")[0]
-        return f"{arch} ({', '.join(rest)})" if rest else arch
+        return self._named(", ".join(rest) or None)
 
     @property
     def space(self) -> str:
@@ -104,12 +111,21 @@ def _departures(config: dict) -> list[str]:
     return departures
 
 
+def _subject(result: dict) -> str:
+    """The subject model a result was scored on, without its package version (`smollm2-135m@pkg==1`)."""
+    model = (result.get("data_key") or {}).get("model") or (result.get("eval") or {}).get("model") or ""
+    return str(model).split("@")[0]
+
+
 def collect_rows(result_dirs: list[Path]) -> list[Row]:
-    rows: dict[str, Row] = {}
+    """One row per (checkpoint label, subject model); a row on another subject model than the default is
+    labelled `subject/label`, so the same sweep run on two models gives two rows."""
+    rows: dict[tuple[str, str], Row] = {}
     for folder in result_dirs:
         for _, r in iter_results(folder):
-            label = r["checkpoint"]["label"]
-            row = rows.setdefault(label, Row(label, r["checkpoint"]))
+            label, subject = r["checkpoint"]["label"], _subject(r)
+            shown = label if not subject or subject == DEFAULT_MODEL else f"{subject}/{label}"
+            row = rows.setdefault((label, subject), Row(shown, r["checkpoint"], subject=subject))
             row.values[r["metric"]] = r["values"]
             row.headline[r["metric"]] = r.get("headline", list(r["values"]))
             row.lower_is_better |= {f"{r['metric']}.{n}" for n in r.get("lower_is_better", [])}

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from saebench.leaderboard import Row, dead_pairs, points
-from saebench.leaderboard.fits import fit_power_law, scaling_fits
+from saebench.leaderboard.fits import FamilyFits, fit_power_law, scaling_fits
+from saebench.model.aliases import DEFAULT_MODEL
 
 HOLDS, FAILS, UNSEPARATED, UNMEASURED = (
     "holds",
@@ -545,6 +546,80 @@ def measure_n2g_with_k(rows: list[Row]) -> Verdict:
     return _measure_trend(rows, "n_latents", True, claim_n2g_with_k)
 
 
+# --- subject-model size: Ls(N) ------------------------------------------------------------------------------
+def _subject_groups(rows: list[Row]) -> dict[str, list[tuple[str, int, FamilyFits]]]:
+    """{family without its subject model: [(subject, width, fits), ...] by width} for every fitted family
+    trained on two or more subject models (width: the SAE's d_in, the subject model's d_model)."""
+    subjects = {r.family: (r.subject or DEFAULT_MODEL, int(r.checkpoint.get("d_in") or 0)) for r in rows}
+    groups: dict[str, list] = {}
+    for ff in scaling_fits(rows):
+        subject, width = subjects[ff.family]
+        groups.setdefault(ff.family.removesuffix(f" on {subject}"), []).append((subject, width, ff))
+    return {base: sorted(g, key=lambda item: item[1]) for base, g in groups.items() if len(g) >= 2}
+
+
+def _subject_comparisons(small: FamilyFits, large: FamilyFits) -> tuple[list[int], list[str]]:
+    """Sides and texts: at each k and n both have, the larger model's nmse above the smaller's (+1); per k,
+    the larger model's L(N) exponent b above (flatter than) the smaller's (+1), when both fits stand."""
+    sides, parts = [], []
+    small_ln, large_ln = {f.k: f for f in small.ln}, {f.k: f for f in large.ln}
+    for k in sorted(set(small_ln) & set(large_ln)):
+        fs, fl = small_ln[k], large_ln[k]
+        at_n = {p.n: p for p in fs.points}
+        pairs = [(at_n[p.n], p) for p in fl.points if p.n in at_n]
+        for ps, pl in pairs:
+            sides.append(_side((ps.value, ps.lo, ps.hi), (pl.value, pl.lo, pl.hi)))
+        text = f"k={k}: nmse " + ", ".join(f"n={ps.n}: {ps.value:.4f} vs {pl.value:.4f}" for ps, pl in pairs)
+        if fs.flag or fl.flag:
+            sides.append(0)
+            text += (
+                "; exponents not compared ("
+                + "; ".join(
+                    f"{'smaller' if f is fs else 'larger'}: {f.flag.split(':')[0]}"
+                    for f in (fs, fl)
+                    if f.flag
+                )
+                + ")"
+            )
+        else:
+            bs, bl = fs.coef["b"], fl.coef["b"]
+            sides.append(_side((bs.value, bs.lo, bs.hi), (bl.value, bl.lo, bl.hi)))
+            text += f"; b = {bs} vs {bl}"
+        parts.append(text)
+    return sides, parts
+
+
+def measure_subject_size(rows: list[Row]) -> list[Verdict]:
+    out = []
+    for base, group in _subject_groups(rows).items():
+        (s_name, s_width, small), (l_name, l_width, large) = group[0], group[-1]
+        scope = f"{base}: {s_name} (d {s_width}) vs {l_name} (d {l_width})"
+        if s_width == l_width:
+            out.append(Verdict("the models have one width: no size to order them by", UNMEASURED, scope))
+            continue
+        sides, parts = _subject_comparisons(small, large)
+        out.append(Verdict("; ".join(parts), verdict(sides.count(1), sides.count(-1), len(sides)), scope))
+    return out or [
+        Verdict("needs one sweep's TopK checkpoints (a k at 2 or more n) on two subject models", UNMEASURED)
+    ]
+
+
+def claim_subject_size(rows: list[Row]) -> str:
+    """Each family's L(N) per subject model, the smaller model (by width) first."""
+    lines = []
+    for base, group in _subject_groups(rows).items():
+        for subject, width, ff in group:
+            for f in ff.ln:
+                measured = ", ".join(f"n={p.n}: {p.value:.4f}" for p in f.points)
+                lines.append(f"  - {base}, {subject} (d_model {width}), k={f.k}: {measured}; {f.law_text()}")
+    if not lines:
+        return "not measured: needs one sweep's TopK checkpoints (a k at 2 or more n) on two subject models"
+    return (
+        "L(N) of one training recipe on each subject model, ordered by width (d_model); nmse compares across "
+        "them as each SAE's own normalised reconstruction error:\n" + "\n".join(lines)
+    )
+
+
 @dataclass(frozen=True)
 class Claim:
     #: the claim, as a heading
@@ -615,6 +690,12 @@ CLAIMS = (
         "explanations get worse as k grows",
         measure_n2g_with_k,
         claim_n2g_with_k,
+    ),
+    Claim(
+        "Larger subject models need larger SAEs for the same nmse, with a worse exponent.",
+        "at fixed k, a larger subject model's L(N) lies higher and falls more slowly (Ls(N))",
+        measure_subject_size,
+        claim_subject_size,
     ),
 )
 
