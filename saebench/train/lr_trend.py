@@ -115,5 +115,13 @@ def choose_lr(config: TrainConfig, trend_file: str | Path | None = None) -> LrCh
     trend = trends.get(config.activation)
     reason = f"has no {config.activation} fit" if trend is None else why_not(trend, config)
     if reason is not None:
-        return LrChoice(paper_lr(n), f"paper rule{at} (trend {path} {reason})")
-    return LrChoice(trend["a"] * n ** trend["b"], f"trend {path} (fit {trend['fit_id']}){at}")
+        return LrChoice(paper_lr(n), f"paper rule{at} (trend {_shown(path)} {reason})")
+    return LrChoice(trend["a"] * n ** trend["b"], f"trend {_shown(path)} (fit {trend['fit_id']}){at}")
+
+
+def _shown(path: Path) -> str:
+    """The trend file as provenance names it: the packaged one by its place in the package, not by where
+    this checkout happens to be; any other as given."""
+    if path.resolve() == TREND_FILE.resolve():
+        return f"saebench/train/{TREND_FILE.name}"
+    return str(path)

@@ -236,3 +236,13 @@ def test_dead_latents_sweep_differs_from_the_recipe_only_in_its_mitigations():
         assert config.auxk_alpha == 0.0
         assert replace(config, auxk_alpha=None, tied_init=True) == recipe
     assert [c.tied_init for c in variants] == [True, False]
+
+
+def test_the_packaged_trend_is_named_by_its_place_in_the_package_not_this_checkout(monkeypatch):
+    from saebench.train.lr_trend import TREND_FILE
+
+    monkeypatch.delenv("SAEBENCH_LR_TREND")
+    config = TrainConfig(n_latents=4096, batch_size=1024, max_tokens=497_012)
+    _, source = choose_lr(config)
+    assert TREND_FILE.is_file() and source.startswith("trend saebench/train/lr_trend.json (fit ")
+    assert str(TREND_FILE.parent) not in source
