@@ -21,6 +21,7 @@ from saebench.sae.load import load_sae
 from saebench.sae.sae import SAEInfo
 from saebench.train.config import TrainConfig
 from saebench.train.l1_search import MAX_TRIALS, TOLERANCE, Trial, accepted, closest, next_lambda
+from saebench.train.lr_trend import choose_lr
 from saebench.train.state import STATE_FILE
 from saebench.train.stream import activation_stream, stream_length
 from saebench.train.trainer import SAE_FOLDER, Trainer
@@ -112,19 +113,33 @@ def _trials(folder: Path) -> dict[Trial, Path]:
     return trials
 
 
+def _seed_key(config: dict) -> str:
+    """What a family must share with another for its trials to seed that one's first lambda: everything
+    but the dictionary size and the lr (and what never changes L0(lambda))."""
+    free = (*_SEARCH_FREE, "n_latents", "lr", "lr_at_n")
+    return json.dumps({f: v for f, v in config.items() if f not in free}, sort_keys=True)
+
+
 def _start(out: Path, config: TrainConfig, target: float) -> float:
-    """First lambda for a family without trials: from the trials of the nearest dictionary size."""
-    sizes = {}
+    """First lambda for a family without trials: from the trials of the nearest family that differs only
+    in dictionary size and lr (nearest in log n first, then in log lr), e.g. the relu-lr sweep's trials
+    for a baseline run trained into the same folder."""
+    want, lr = _seed_key(config.to_dict()), choose_lr(config).lr
+    candidates = []
     for folder in (out / SEARCH_FOLDER).glob("relu-n*-*"):
-        size = folder.name[len("relu-n") :].partition("-")[0]
-        if not size.isdigit() or _family(dataclasses.replace(config, n_latents=int(size))) != folder.name:
+        if not (trials := _trials(folder)):
             continue
-        if trials := _trials(folder):
-            sizes[int(size)] = list(trials)
-    if not sizes:
+        training = json.loads((next(iter(trials.values())) / "cfg.json").read_text())["training"]
+        if _seed_key(training["config"]) != want:
+            continue
+        distance = (
+            abs(math.log(training["config"]["n_latents"] / config.n_latents)),
+            abs(math.log(training["lr"] / lr)),
+        )
+        candidates.append((distance, folder.name, list(trials)))
+    if not candidates:
         return config.l1_coefficient
-    nearest = min(sizes, key=lambda size: abs(math.log(size / config.n_latents)))
-    return next_lambda(sizes[nearest], target, config.l1_coefficient)
+    return next_lambda(min(candidates)[2], target, config.l1_coefficient)
 
 
 def search_l1(site: Site, name: str, config: TrainConfig, out: Path, n_tokens: int) -> Path:

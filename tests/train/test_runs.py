@@ -4,8 +4,8 @@ import torch
 
 from saebench.sae.load import find_checkpoints, load_sae
 from saebench.train.config import TrainConfig
-from saebench.train.l1_search import MAX_TRIALS, Trial, accepted, closest
-from saebench.train.runs import SEARCH_FOLDER, run_status, train_runs
+from saebench.train.l1_search import MAX_TRIALS, Trial, accepted, closest, next_lambda
+from saebench.train.runs import SEARCH_FOLDER, _start, run_status, train_runs
 from saebench.train.stream import activation_stream
 
 
@@ -74,3 +74,11 @@ def test_relu_target_searches_fixed_lambda_runs_and_records_the_search(make_cont
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     train_runs(context.site, configs, out, n_tokens=2000)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+    # a family at another lr and size starts from these trials, not from the default lambda; one that
+    # differs in anything else (here the batch) does not
+    trained = load_sae(paths[0]).info.extra["training"]
+    trials, ran = [Trial(**t) for t in trained["l1_search"]["trials"]], trained["config"]["max_tokens"]
+    other = TrainConfig(**{**base, "lr": 0.02, "n_latents": 128}, k=12, l1_target_l0=12, max_tokens=ran)
+    assert _start(out, other, 12) == next_lambda(trials, 12, other.l1_coefficient) != other.l1_coefficient
+    unlike = TrainConfig(**{**base, "batch_size": 64}, k=12, l1_target_l0=12, max_tokens=ran)
+    assert _start(out, unlike, 12) == unlike.l1_coefficient
