@@ -403,11 +403,13 @@ def test_rows_of_one_sweep_on_two_subject_models_stay_apart(tmp_path):
     assert {r.family for r in rows} == {"topk", "topk on gemma3-270m"}
 
 
-def test_subject_size_claim_holds_for_a_higher_flatter_law_and_fails_for_the_reverse(tmp_path):
-    from saebench.leaderboard.claims import FAILS, HOLDS, measure_subject_size
+def test_subject_size_claims_hold_for_a_higher_flatter_law_and_fail_for_the_reverse(tmp_path):
+    from saebench.leaderboard.claims import FAILS, HOLDS, measure_subject_exponent, measure_subject_size
 
-    (v,) = measure_subject_size(_two_models(tmp_path / "flatter", -0.3))
-    assert v.verdict == HOLDS and v.scope.startswith("topk: smollm2-135m (d 576) vs gemma3-270m (d 640)")
-    assert "n=1024:" in v.number and "b = " in v.number
-    (v,) = measure_subject_size(_two_models(tmp_path / "steeper", -0.7))  # the wider model's nmse is lower
-    assert v.verdict == FAILS
+    rows = _two_models(tmp_path / "flatter", -0.3)
+    (higher,), (flatter,) = measure_subject_size(rows), measure_subject_exponent(rows)
+    assert higher.verdict == HOLDS == flatter.verdict
+    assert higher.scope.startswith("topk: smollm2-135m (d 576) vs gemma3-270m (d 640)")
+    assert "n=1024:" in higher.number and "b = " in flatter.number
+    rows = _two_models(tmp_path / "steeper", -0.7)  # the wider model's nmse is lower and falls faster
+    assert measure_subject_size(rows)[0].verdict == FAILS == measure_subject_exponent(rows)[0].verdict

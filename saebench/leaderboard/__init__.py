@@ -60,7 +60,7 @@ class Row:
         arch = str(self.checkpoint.get("architecture", "?")).lower()
         arch = {"standard": "relu"}.get(arch, arch)
         name = f"{arch} ({variant})" if variant else arch
-        return f"{name} on {self.subject}" if self.subject and self.subject != DEFAULT_MODEL else name
+        return f"{name} on {self.subject}" if _named_model(self.subject) else name
 
     @property
     def mitigations_off(self) -> bool:
@@ -111,6 +111,11 @@ def _departures(config: dict) -> list[str]:
     return departures
 
 
+def _named_model(subject: str) -> bool:
+    """Whether a row names its subject model (in its label and family): any model but the default."""
+    return bool(subject) and subject != DEFAULT_MODEL
+
+
 def _subject(result: dict) -> str:
     """The subject model a result was scored on, without its package version (`smollm2-135m@pkg==1`)."""
     model = (result.get("data_key") or {}).get("model") or (result.get("eval") or {}).get("model") or ""
@@ -124,7 +129,7 @@ def collect_rows(result_dirs: list[Path]) -> list[Row]:
     for folder in result_dirs:
         for _, r in iter_results(folder):
             label, subject = r["checkpoint"]["label"], _subject(r)
-            shown = label if not subject or subject == DEFAULT_MODEL else f"{subject}/{label}"
+            shown = f"{subject}/{label}" if _named_model(subject) else label
             row = rows.setdefault((label, subject), Row(shown, r["checkpoint"], subject=subject))
             row.values[r["metric"]] = r["values"]
             row.headline[r["metric"]] = r.get("headline", list(r["values"]))

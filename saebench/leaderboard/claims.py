@@ -558,38 +558,35 @@ def _subject_groups(rows: list[Row]) -> dict[str, list[tuple[str, int, FamilyFit
     return {base: sorted(g, key=lambda item: item[1]) for base, g in groups.items() if len(g) >= 2}
 
 
-def _subject_comparisons(small: FamilyFits, large: FamilyFits) -> tuple[list[int], list[str]]:
-    """Sides and texts: at each k and n both have, the larger model's nmse above the smaller's (+1); per k,
-    the larger model's L(N) exponent b above (flatter than) the smaller's (+1), when both fits stand."""
+def _subject_comparisons(small: FamilyFits, large: FamilyFits, part: str) -> tuple[list[int], list[str]]:
+    """Sides and texts, per k both models have: part "nmse": at each n both have, the larger model's nmse
+    above the smaller's (+1); part "exponent": its L(N) exponent b above (flatter than) the smaller's (+1),
+    when both fits stand (else unseparated)."""
     sides, parts = [], []
     small_ln, large_ln = {f.k: f for f in small.ln}, {f.k: f for f in large.ln}
     for k in sorted(set(small_ln) & set(large_ln)):
         fs, fl = small_ln[k], large_ln[k]
-        at_n = {p.n: p for p in fs.points}
-        pairs = [(at_n[p.n], p) for p in fl.points if p.n in at_n]
-        for ps, pl in pairs:
-            sides.append(_side((ps.value, ps.lo, ps.hi), (pl.value, pl.lo, pl.hi)))
-        text = f"k={k}: nmse " + ", ".join(f"n={ps.n}: {ps.value:.4f} vs {pl.value:.4f}" for ps, pl in pairs)
-        if fs.flag or fl.flag:
-            sides.append(0)
-            text += (
-                "; exponents not compared ("
-                + "; ".join(
-                    f"{'smaller' if f is fs else 'larger'}: {f.flag.split(':')[0]}"
-                    for f in (fs, fl)
-                    if f.flag
-                )
-                + ")"
+        if part == "nmse":
+            at_n = {p.n: p for p in fs.points}
+            pairs = [(at_n[p.n], p) for p in fl.points if p.n in at_n]
+            sides += [_side((ps.value, ps.lo, ps.hi), (pl.value, pl.lo, pl.hi)) for ps, pl in pairs]
+            parts.append(
+                f"k={k}: nmse " + ", ".join(f"n={ps.n}: {ps.value:.4f} vs {pl.value:.4f}" for ps, pl in pairs)
             )
+        elif fs.flag or fl.flag:
+            sides.append(0)
+            why = "; ".join(
+                f"{'smaller' if f is fs else 'larger'}: {f.flag.split(':')[0]}" for f in (fs, fl) if f.flag
+            )
+            parts.append(f"k={k}: exponents not compared ({why})")
         else:
             bs, bl = fs.coef["b"], fl.coef["b"]
             sides.append(_side((bs.value, bs.lo, bs.hi), (bl.value, bl.lo, bl.hi)))
-            text += f"; b = {bs} vs {bl}"
-        parts.append(text)
+            parts.append(f"k={k}: b = {bs} vs {bl}")
     return sides, parts
 
 
-def measure_subject_size(rows: list[Row]) -> list[Verdict]:
+def _measure_subject(rows: list[Row], part: str) -> list[Verdict]:
     out = []
     for base, group in _subject_groups(rows).items():
         (s_name, s_width, small), (l_name, l_width, large) = group[0], group[-1]
@@ -597,11 +594,19 @@ def measure_subject_size(rows: list[Row]) -> list[Verdict]:
         if s_width == l_width:
             out.append(Verdict("the models have one width: no size to order them by", UNMEASURED, scope))
             continue
-        sides, parts = _subject_comparisons(small, large)
+        sides, parts = _subject_comparisons(small, large, part)
         out.append(Verdict("; ".join(parts), verdict(sides.count(1), sides.count(-1), len(sides)), scope))
     return out or [
         Verdict("needs one sweep's TopK checkpoints (a k at 2 or more n) on two subject models", UNMEASURED)
     ]
+
+
+def measure_subject_size(rows: list[Row]) -> list[Verdict]:
+    return _measure_subject(rows, "nmse")
+
+
+def measure_subject_exponent(rows: list[Row]) -> list[Verdict]:
+    return _measure_subject(rows, "exponent")
 
 
 def claim_subject_size(rows: list[Row]) -> str:
@@ -692,10 +697,15 @@ CLAIMS = (
         claim_n2g_with_k,
     ),
     Claim(
-        "Larger subject models need larger SAEs for the same nmse, with a worse exponent.",
-        "at fixed k, a larger subject model's L(N) lies higher and falls more slowly (Ls(N))",
+        "Larger subject models need larger SAEs for the same nmse.",
+        "at fixed k, a larger subject model's L(N) lies higher (Ls(N))",
         measure_subject_size,
         claim_subject_size,
+    ),
+    Claim(
+        "Larger subject models' L(N) has a worse exponent.",
+        "at fixed k, a larger subject model's L(N) falls more slowly with n",
+        measure_subject_exponent,
     ),
 )
 
