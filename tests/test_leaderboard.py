@@ -376,17 +376,20 @@ def test_builtin_reference_dictionaries_are_left_out_of_the_claims(results):
 
 
 # --- subject-model size -------------------------------------------------------------------------------
-def _two_models(tmp_path, large_b):
+def _two_models(tmp_path, large_b, large_c=0.1):
     """One fixed-lr sweep on the default model (width 576) and, same labels, on a wider one (640)."""
     for n in (1024, 2048, 4096, 8192, 16384, 32768):
-        for name, width, a, b in (("smollm2-135m", 576, 3.0, -0.5), ("gemma3-270m", 640, 3.0, large_b)):
+        for name, width, a, b, c in (
+            ("smollm2-135m", 576, 3.0, -0.5, 0.1),
+            ("gemma3-270m", 640, 3.0, large_b, large_c),
+        ):
             write(
                 tmp_path / name,
                 f"topk-n{n}-k32",
                 "topk",
                 n,
                 32,
-                a * n**b + 0.1,
+                a * n**b + c,
                 32,
                 0.0,
                 rel=0.005,
@@ -413,3 +416,13 @@ def test_subject_size_claims_hold_for_a_higher_flatter_law_and_fail_for_the_reve
     assert "n=1024:" in higher.number and "b = " in flatter.number
     rows = _two_models(tmp_path / "steeper", -0.7)  # the wider model's nmse is lower and falls faster
     assert measure_subject_size(rows)[0].verdict == FAILS == measure_subject_exponent(rows)[0].verdict
+
+
+def test_subject_size_claims_are_separate_verdicts(tmp_path):
+    """The same law shifted up on the wider model: its nmse is higher at every n (holds), but its exponent is
+    the same (not separated), which one combined verdict would let the nmse comparisons outvote."""
+    from saebench.leaderboard.claims import HOLDS, UNSEPARATED, measure_subject_exponent, measure_subject_size
+
+    rows = _two_models(tmp_path, -0.5, large_c=0.2)
+    assert measure_subject_size(rows)[0].verdict == HOLDS
+    assert measure_subject_exponent(rows)[0].verdict == UNSEPARATED

@@ -558,35 +558,31 @@ def _subject_groups(rows: list[Row]) -> dict[str, list[tuple[str, int, FamilyFit
     return {base: sorted(g, key=lambda item: item[1]) for base, g in groups.items() if len(g) >= 2}
 
 
-def _subject_comparisons(small: FamilyFits, large: FamilyFits, part: str) -> tuple[list[int], list[str]]:
-    """Sides and texts, per k both models have: part "nmse": at each n both have, the larger model's nmse
-    above the smaller's (+1); part "exponent": its L(N) exponent b above (flatter than) the smaller's (+1),
-    when both fits stand (else unseparated)."""
-    sides, parts = [], []
-    small_ln, large_ln = {f.k: f for f in small.ln}, {f.k: f for f in large.ln}
-    for k in sorted(set(small_ln) & set(large_ln)):
-        fs, fl = small_ln[k], large_ln[k]
-        if part == "nmse":
-            at_n = {p.n: p for p in fs.points}
-            pairs = [(at_n[p.n], p) for p in fl.points if p.n in at_n]
-            sides += [_side((ps.value, ps.lo, ps.hi), (pl.value, pl.lo, pl.hi)) for ps, pl in pairs]
-            parts.append(
-                f"k={k}: nmse " + ", ".join(f"n={ps.n}: {ps.value:.4f} vs {pl.value:.4f}" for ps, pl in pairs)
-            )
-        elif fs.flag or fl.flag:
-            sides.append(0)
-            why = "; ".join(
-                f"{'smaller' if f is fs else 'larger'}: {f.flag.split(':')[0]}" for f in (fs, fl) if f.flag
-            )
-            parts.append(f"k={k}: exponents not compared ({why})")
-        else:
-            bs, bl = fs.coef["b"], fl.coef["b"]
-            sides.append(_side((bs.value, bs.lo, bs.hi), (bl.value, bl.lo, bl.hi)))
-            parts.append(f"k={k}: b = {bs} vs {bl}")
-    return sides, parts
+def _nmse_higher(k: int, fs, fl) -> tuple[list[int], str]:
+    """At each n both L(N) fits have points: the larger model's nmse above the smaller's (+1)."""
+    at_n = {p.n: p for p in fs.points}
+    pairs = [(at_n[p.n], p) for p in fl.points if p.n in at_n]
+    sides = [_side((ps.value, ps.lo, ps.hi), (pl.value, pl.lo, pl.hi)) for ps, pl in pairs]
+    return sides, f"k={k}: nmse " + ", ".join(
+        f"n={ps.n}: {ps.value:.4f} vs {pl.value:.4f}" for ps, pl in pairs
+    )
 
 
-def _measure_subject(rows: list[Row], part: str) -> list[Verdict]:
+def _exponent_flatter(k: int, fs, fl) -> tuple[list[int], str]:
+    """The larger model's L(N) exponent b above (flatter than) the smaller's (+1); unseparated when a fit
+    is flagged."""
+    if fs.flag or fl.flag:
+        why = "; ".join(
+            f"{'smaller' if f is fs else 'larger'}: {f.flag.split(':')[0]}" for f in (fs, fl) if f.flag
+        )
+        return [0], f"k={k}: exponents not compared ({why})"
+    bs, bl = fs.coef["b"], fl.coef["b"]
+    return [_side((bs.value, bs.lo, bs.hi), (bl.value, bl.lo, bl.hi))], f"k={k}: b = {bs} vs {bl}"
+
+
+def _measure_subject(rows: list[Row], compare) -> list[Verdict]:
+    """One verdict per family fitted on two subject models of different widths: `compare(k, smaller's L(N)
+    fit, larger's)` -> (sides, text) at every k both have."""
     out = []
     for base, group in _subject_groups(rows).items():
         (s_name, s_width, small), (l_name, l_width, large) = group[0], group[-1]
@@ -594,7 +590,12 @@ def _measure_subject(rows: list[Row], part: str) -> list[Verdict]:
         if s_width == l_width:
             out.append(Verdict("the models have one width: no size to order them by", UNMEASURED, scope))
             continue
-        sides, parts = _subject_comparisons(small, large, part)
+        small_ln, large_ln = {f.k: f for f in small.ln}, {f.k: f for f in large.ln}
+        sides, parts = [], []
+        for k in sorted(set(small_ln) & set(large_ln)):
+            k_sides, text = compare(k, small_ln[k], large_ln[k])
+            sides += k_sides
+            parts.append(text)
         out.append(Verdict("; ".join(parts), verdict(sides.count(1), sides.count(-1), len(sides)), scope))
     return out or [
         Verdict("needs one sweep's TopK checkpoints (a k at 2 or more n) on two subject models", UNMEASURED)
@@ -602,11 +603,11 @@ def _measure_subject(rows: list[Row], part: str) -> list[Verdict]:
 
 
 def measure_subject_size(rows: list[Row]) -> list[Verdict]:
-    return _measure_subject(rows, "nmse")
+    return _measure_subject(rows, _nmse_higher)
 
 
 def measure_subject_exponent(rows: list[Row]) -> list[Verdict]:
-    return _measure_subject(rows, "exponent")
+    return _measure_subject(rows, _exponent_flatter)
 
 
 def claim_subject_size(rows: list[Row]) -> str:
