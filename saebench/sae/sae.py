@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .topk import row_topk
+
 ACTIVATIONS = ("relu", "topk", "jumprelu", "gated")
 #: most pre-activations (tokens x latents) one encode holds at once (128 MB in float32); wider SAEs encode
 #: in latent chunks
@@ -381,7 +383,7 @@ class SAE(nn.Module):
         """Every latent at once (`out`: a (tokens, n_latents) buffer or None)."""
         pre = self.pre_activations(u, out)
         if self.activation == "topk":
-            values, indices = pre.topk(self.k, dim=-1, sorted=False)
+            values, indices = row_topk(pre, self.k)
             return SparseCodes(indices, values.clamp_min(0))
         return self._finish(*_active(pre, self._floor(slice(None))))
 
@@ -398,7 +400,7 @@ class SAE(nn.Module):
             out = None if flat is None else flat[: tokens * size].view(tokens, size)
             pre = torch.addmm(self.b_enc[latents], centred, self.W_enc[:, latents], out=out)
             if topk:
-                v, i = pre.topk(min(self.k, size), dim=-1, sorted=False)
+                v, i = row_topk(pre, min(self.k, size))
             else:
                 v, i = _active(pre, self._floor(latents))
             values.append(v)

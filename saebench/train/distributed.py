@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..ranks import gather_columns as _gather_columns
 from ..ranks import world_size
 from ..sae.sae import Normalization, SAEInfo, SparseCodes
+from ..sae.topk import row_topk
 from .autoencoder import TrainableSAE, TrainOutput, nmse
 from .config import TrainConfig
 
@@ -265,8 +266,6 @@ class ShardedSAE(TrainableSAE):
         global indices and values, from each shard's candidates."""
         n_tokens = u.shape[0]
         offset = self.shards.rows.start
-        centred = u - self.b_pre
-        chunk = max(1, min(n_tokens, self.config.chunk_elements // self.n_latents))
         k_aux, dead_ids = 0, None
         if dead is not None and self.auxk_alpha > 0:
             n_dead = dead.sum(dtype=torch.float64).reshape(1)
@@ -280,13 +279,10 @@ class ShardedSAE(TrainableSAE):
         # a shard with fewer dead latents than k_aux pads with -inf, never chosen (all shards hold >= k_aux)
         aux_indices = torch.zeros(n_tokens, k_aux, dtype=torch.int64, device=u.device)
         aux_values = u.new_full((n_tokens, k_aux), -torch.inf)
-        buffer = self._buffer("preactivations", (chunk, self.n_latents), u)
-        for start in range(0, n_tokens, chunk):
-            stop = min(n_tokens, start + chunk)
-            pre = torch.addmm(self.b_enc, centred[start:stop], self.W_enc.T, out=buffer[: stop - start])
-            torch.topk(pre, local_k, dim=1, sorted=False, out=(values[start:stop], indices[start:stop]))
+        for start, stop, pre in self._preactivation_chunks(u):
+            row_topk(pre, local_k, out=(values[start:stop], indices[start:stop]))
             if local_aux:
-                top_values, top_positions = pre.index_select(1, dead_ids).topk(local_aux, dim=1, sorted=False)
+                top_values, top_positions = row_topk(pre.index_select(1, dead_ids), local_aux)
                 aux_values[start:stop, :local_aux] = top_values
                 aux_indices[start:stop, :local_aux] = dead_ids[top_positions] + offset
         indices += offset

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from saebench.train.autoencoder import TrainableSAE
@@ -142,3 +143,33 @@ def test_backward_writes_weight_gradients_into_a_pooled_tensor():
     reference = W_dec.detach().clone().requires_grad_(True)
     sparse_decode(indices, z, reference).pow(2).sum().backward()
     assert torch.equal(W_dec.grad, reference.grad)
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_selection_is_the_dense_top_k(monkeypatch, folded):
+    """`_select` (chunked pre-activations with the bias folded into the matmul or added by addmm, grouped
+    top-k, AuxK over dead latents) picks exactly the dense pre-activations' top k and top k_aux."""
+    from saebench.sae.topk import grouped
+
+    if not folded:
+        monkeypatch.setattr(TrainableSAE, "FOLDED_BIAS_DEVICES", ())
+    gen = torch.Generator().manual_seed(11)
+    n, d, k = 512, 12, 8
+    u = torch.randn(40, d, generator=gen, dtype=torch.float64)
+    config = TrainConfig(n_latents=n, k=k, dtype="float64", chunk_elements=7 * n)  # chunks of 7 tokens
+    model = TrainableSAE(config, d)
+    model.initialize(u.mean(0), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.b_enc.normal_(generator=gen)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::2] = True
+    assert grouped(n, k, u.device) and grouped(int(dead.sum()), model.k_aux, u.device)
+    indices, values, (aux_indices, aux_values) = model._select(u, dead, k)
+    dense = torch.nn.functional.linear(u - model.b_pre, model.W_enc, model.b_enc).detach()
+    for got_indices, got_values, columns, m in (
+        (indices, values, torch.arange(n), k),
+        (aux_indices, aux_values, dead.nonzero().squeeze(1), model.k_aux),
+    ):
+        expected = dense[:, columns].topk(m, dim=1)
+        assert torch.equal(got_indices.sort(1).values, columns[expected.indices].sort(1).values)
+        torch.testing.assert_close(got_values, dense.gather(1, got_indices), rtol=0, atol=1e-12)
