@@ -46,4 +46,5 @@ bench: setup setup-peers
 	$(PYTHON) benchmarks/spine.py
 	$(PYTHON) benchmarks/probe_fit.py
 	$(PYTHON) benchmarks/train_throughput.py
+	$(PYTHON) benchmarks/topk_selection.py
 	$(PYTHON) benchmarks/probes_suite.py
