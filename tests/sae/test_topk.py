@@ -51,7 +51,7 @@ def test_out_tensors_receive_the_result():
     check(x, 32, values, indices)
 
 
-@pytest.mark.parametrize("n, k", [(100, 4), (256, 16), (2048, 2048)])
+@pytest.mark.parametrize("n, k", [(100, 4), (256, 16), (2048, 2048), (4096, 0)])
 def test_narrow_or_odd_rows_use_torch_topk(n, k):
     assert not grouped(n, k, torch.device("cpu"))
     x = torch.randn(8, n)
