@@ -199,7 +199,7 @@ class TrainableSAE(nn.Module):
         [W_enc, b_enc, 0...]^T (zero-padded to a multiple of FOLDED_ALIGN): addmm would first broadcast b_enc
         into its output, a pass over every (chunk x n) block that costs more here than the extra column and
         the per-step copy of W_enc (on (1024 x 576) @ (576 x 16384): 59 ms against addmm's 64; the copy
-        ~2 ms a step at n = 16384)."""
+        ~2 ms a step at n = 16384).  The folded copy costs one more W_enc of memory, kept between steps."""
         n_tokens, d = u.shape
         chunk = max(1, min(n_tokens, self.config.chunk_elements // self.n_latents))
         buffer = self._buffer("preactivations", (chunk, self.n_latents), u)
