@@ -15,9 +15,9 @@ have a maximum above v: all of them are chosen, and with them every entry above 
 whose maximum is v adds an entry equal to v; when fewer than k groups reach v, every entry >= v is a
 candidate.  The elementwise max reads the row once, cheaply; torch.topk then sorts through n/G maxima and
 k G candidates instead of n entries.  Measured on this project's 2-core CPU (`benchmarks/topk_selection.py`,
-rows of one 64 MB chunk): 2.4x torch.topk's speed at n = 16384, k = 32, and 1.2x to 3.3x over n = 2048 ..
-65536, k = 16 .. 128.  On other devices, and for narrow rows, it is torch.topk (the grouped path is
-unmeasured on GPUs).
+rows of one 64 MB chunk): 2.4x torch.topk's speed at n = 16384, k = 32, and 1.2x to 3.3x wherever it
+applies in n = 2048 .. 65536, k = 16 .. 128.  On other devices, and for narrow rows, it is torch.topk (the
+grouped path is unmeasured on GPUs).
 """
 
 from __future__ import annotations
